@@ -1,0 +1,99 @@
+//! What happened to a packet: the index of `np_stats`. Every drop has its own reason here, and so
+//! does every way a packet can leave untouched, so `nodeport-agent status` can explain traffic.
+
+/// Index into the per-CPU `np_stats` array. Values are stable: they are part of the map layout.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Counter {
+    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
+    PassNotIpv4 = 0,
+    /// IPv4 but not for a NodePort address/port and not a reply we translate: passed untouched.
+    PassNotNodePort = 1,
+    /// Headers shorter than they claim, or a bad IHL: passed untouched (the stack decides).
+    PassMalformed = 2,
+    /// An IP fragment addressed to a node address: ports are unknown (non-first fragments carry
+    /// none), so it is never translated; passed to the stack.
+    PassFragment = 3,
+    /// The programs are loaded but the agent has not written `np_config` yet.
+    PassNotConfigured = 4,
+    /// TTL would expire on forwarding: handed to the stack, which answers ICMP time exceeded.
+    PassTtlExceeded = 5,
+    /// The FIB could not resolve the next hop in XDP: handed untranslated to the stack/TC program.
+    PassFibMiss = 6,
+    /// First packet of a new flow, translated and forwarded.
+    NewFlow = 7,
+    /// Packet of an established flow, translated and forwarded.
+    Established = 8,
+    /// Reply from a backend, reverse-translated and forwarded.
+    Reply = 9,
+    /// Dropped: the service has no ready (or serving) backend.
+    DropNoBackend = 10,
+    /// Dropped: externalTrafficPolicy=Local and this node has no local backend.
+    DropNoLocalBackend = 11,
+    /// Dropped: the flow's backend was removed (TCP; UDP flows pick a new backend instead).
+    DropBackendGone = 12,
+    /// Dropped: no free SNAT port for this backend.
+    DropSnatExhausted = 13,
+    /// Dropped: a connection-tracking insert failed.
+    DropCtInsert = 14,
+    /// Dropped: a slot named a backend id that does not exist (the agent is mid-update).
+    DropStaleSlot = 15,
+    /// Dropped: the packet could not be rewritten (a helper failed).
+    DropRewrite = 16,
+    /// Dropped: a non-SYN TCP packet for a nodePort with no connection (a flow we never saw or
+    /// already forgot): forwarding it would pick a backend that knows nothing of it.
+    DropTcpNotSyn = 17,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 18;
+
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::PassNotIpv4,
+        Counter::PassNotNodePort,
+        Counter::PassMalformed,
+        Counter::PassFragment,
+        Counter::PassNotConfigured,
+        Counter::PassTtlExceeded,
+        Counter::PassFibMiss,
+        Counter::NewFlow,
+        Counter::Established,
+        Counter::Reply,
+        Counter::DropNoBackend,
+        Counter::DropNoLocalBackend,
+        Counter::DropBackendGone,
+        Counter::DropSnatExhausted,
+        Counter::DropCtInsert,
+        Counter::DropStaleSlot,
+        Counter::DropRewrite,
+        Counter::DropTcpNotSyn,
+    ];
+
+    /// Stable snake_case name, used in metrics labels and `nodeport-agent status`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::PassNotIpv4 => "pass_not_ipv4",
+            Counter::PassNotNodePort => "pass_not_nodeport",
+            Counter::PassMalformed => "pass_malformed",
+            Counter::PassFragment => "pass_fragment",
+            Counter::PassNotConfigured => "pass_not_configured",
+            Counter::PassTtlExceeded => "pass_ttl_exceeded",
+            Counter::PassFibMiss => "pass_fib_miss",
+            Counter::NewFlow => "new_flow",
+            Counter::Established => "established",
+            Counter::Reply => "reply",
+            Counter::DropNoBackend => "drop_no_backend",
+            Counter::DropNoLocalBackend => "drop_no_local_backend",
+            Counter::DropBackendGone => "drop_backend_gone",
+            Counter::DropSnatExhausted => "drop_snat_exhausted",
+            Counter::DropCtInsert => "drop_ct_insert",
+            Counter::DropStaleSlot => "drop_stale_slot",
+            Counter::DropRewrite => "drop_rewrite",
+            Counter::DropTcpNotSyn => "drop_tcp_not_syn",
+        }
+    }
+
+    pub const fn is_drop(self) -> bool {
+        (self as u32) >= (Counter::DropNoBackend as u32)
+    }
+}
