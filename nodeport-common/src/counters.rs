@@ -26,12 +26,14 @@ pub enum Counter {
     Established = 8,
     /// Reply from a backend, reverse-translated and forwarded.
     Reply = 9,
+    /// A tracked flow's backend was removed: the packet was balanced again as a new flow. A TCP
+    /// backend that knows nothing of the connection answers RST, which ends it cleanly for the
+    /// client (what kube-proxy's conntrack does too); a UDP flow simply moves.
+    Reselected = 10,
     /// Dropped: the service has no ready (or serving) backend.
-    DropNoBackend = 10,
+    DropNoBackend = 11,
     /// Dropped: externalTrafficPolicy=Local and this node has no local backend.
-    DropNoLocalBackend = 11,
-    /// Dropped: the flow's backend was removed (TCP; UDP flows pick a new backend instead).
-    DropBackendGone = 12,
+    DropNoLocalBackend = 12,
     /// Dropped: no free SNAT port for this backend.
     DropSnatExhausted = 13,
     /// Dropped: a connection-tracking insert failed.
@@ -40,9 +42,9 @@ pub enum Counter {
     DropStaleSlot = 15,
     /// Dropped: the packet could not be rewritten (a helper failed).
     DropRewrite = 16,
-    /// Dropped: a non-SYN TCP packet for a nodePort with no connection (a flow we never saw or
-    /// already forgot): forwarding it would pick a backend that knows nothing of it.
-    DropTcpNotSyn = 17,
+    /// Dropped: no route to the backend or the client for a source-NATed packet (handing it to
+    /// the stack would only see it dropped as a martian: its source is a local address).
+    DropNoRoute = 17,
 }
 
 impl Counter {
@@ -59,14 +61,14 @@ impl Counter {
         Counter::NewFlow,
         Counter::Established,
         Counter::Reply,
+        Counter::Reselected,
         Counter::DropNoBackend,
         Counter::DropNoLocalBackend,
-        Counter::DropBackendGone,
         Counter::DropSnatExhausted,
         Counter::DropCtInsert,
         Counter::DropStaleSlot,
         Counter::DropRewrite,
-        Counter::DropTcpNotSyn,
+        Counter::DropNoRoute,
     ];
 
     /// Stable snake_case name, used in metrics labels and `nodeport-agent status`.
@@ -82,14 +84,14 @@ impl Counter {
             Counter::NewFlow => "new_flow",
             Counter::Established => "established",
             Counter::Reply => "reply",
+            Counter::Reselected => "reselected",
             Counter::DropNoBackend => "drop_no_backend",
             Counter::DropNoLocalBackend => "drop_no_local_backend",
-            Counter::DropBackendGone => "drop_backend_gone",
             Counter::DropSnatExhausted => "drop_snat_exhausted",
             Counter::DropCtInsert => "drop_ct_insert",
             Counter::DropStaleSlot => "drop_stale_slot",
             Counter::DropRewrite => "drop_rewrite",
-            Counter::DropTcpNotSyn => "drop_tcp_not_syn",
+            Counter::DropNoRoute => "drop_no_route",
         }
     }
 
