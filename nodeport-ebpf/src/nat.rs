@@ -1,0 +1,74 @@
+//! Source-NAT port allocation and reverse-NAT entries.
+//!
+//! The port choice matters as much as the lookup: a reused (node, port) -> (pod, port) tuple can
+//! land on the pod's TIME_WAIT socket for an earlier connection. We first try the client's own
+//! source port (netfilter does the same): then the pod-side tuple repeats only when the client
+//! reuses its own port, so the pod's TIME_WAIT sees the same peer's growing sequence numbers and
+//! timestamps, as on the direct path. Only on a collision do we fall back to random ports.
+use aya_ebpf::bindings::BPF_NOEXIST;
+use nodeport_common::{Backend, Config, FlowKey, RevNat};
+
+use crate::maps::{CONNTRACK, REV_NAT};
+
+/// Attempts per allocation; bounded for the verifier and for the worst-case cost of one packet.
+const SNAT_TRIES: u32 = 16;
+
+/// The key of the reply to a flow: what arrives back at this node from the backend.
+#[inline(always)]
+pub fn reply_key(b: &Backend, dst_addr: u32, dst_port: u16) -> FlowKey {
+    FlowKey {
+        saddr: b.addr,
+        daddr: dst_addr,
+        sport: b.port,
+        dport: dst_port,
+        proto: b.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Whether an existing reverse entry still belongs to a live flow using that port.
+#[inline(always)]
+fn in_use(rkey: &FlowKey, now: u64) -> bool {
+    let Some(rn) = (unsafe { REV_NAT.get(rkey) }) else {
+        return false;
+    };
+    match unsafe { CONNTRACK.get(&rn.flow) } {
+        Some(ct) => ct.expires_ns > now && ct.nat_port == rkey.dport && ct.backend_addr == rkey.saddr,
+        None => false,
+    }
+}
+
+/// Allocates a source port (network byte order) for `flow` towards backend `b`, SNAT'd to
+/// `nat_addr`, and records the reverse entry. None when every try collided with a live flow.
+#[inline(always)]
+pub fn alloc_snat(flow: &FlowKey, b: &Backend, nat_addr: u32, cfg: &Config, now: u64) -> Option<u16> {
+    let min = u32::from(cfg.snat_port_min);
+    let max = u32::from(cfg.snat_port_max);
+    if min == 0 || max < min {
+        return None;
+    }
+    // NonZero division compiles without a panic path (the verifier would reject one).
+    let Some(range) = core::num::NonZeroU32::new(max - min + 1) else {
+        return None;
+    };
+    let client_port = u32::from(u16::from_be(flow.sport));
+    let mut off = if client_port >= min && client_port <= max {
+        client_port - min
+    } else {
+        (unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() }) % range
+    };
+    let value = RevNat { flow: *flow };
+    for _ in 0..SNAT_TRIES {
+        let port = ((min + off) as u16).to_be();
+        let rkey = reply_key(b, nat_addr, port);
+        if REV_NAT.insert(&rkey, &value, u64::from(BPF_NOEXIST)).is_ok() {
+            return Some(port);
+        }
+        // Taken: reclaim it if the flow that held it has expired or moved on.
+        if !in_use(&rkey, now) && REV_NAT.insert(&rkey, &value, 0).is_ok() {
+            return Some(port);
+        }
+        off = (off + unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() }) % range;
+    }
+    None
+}
