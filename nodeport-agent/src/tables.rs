@@ -10,10 +10,10 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use nodeport_common::{
-    Affinity, AffinityKey, Backend, BackendKey, Config, CtEntry, FlowKey, Frontend, FrontendKey,
-    NodeAddr, NodeAddrKey, RevNat, Slot, SlotKey, map_names,
+    Affinity, AffinityKey, Backend, BackendKey, CT_LOCAL, CT_SNAT, Config, CtEntry, FlowKey,
+    Frontend, FrontendKey, NodeAddr, NodeAddrKey, RevNat, Slot, SlotKey, Traffic, map_names,
 };
 
 use crate::Error;
@@ -76,6 +76,37 @@ pub struct ServiceTables {
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     rev_nat: HashMap<MapData, FlowKey, RevNat>,
     affinity: HashMap<MapData, AffinityKey, Affinity>,
+    service_counters: PerCpuArray<MapData, Traffic>,
+}
+
+/// The clock of `bpf_ktime_get_ns`, which conntrack expiry times are in.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The reverse-NAT key a conntrack entry owns (what its replies arrive as).
+pub fn reply_key(flow: &FlowKey, ct: &CtEntry) -> Option<FlowKey> {
+    let (daddr, dport) = if ct.flags & CT_SNAT != 0 {
+        (ct.nat_addr, ct.nat_port)
+    } else if ct.flags & CT_LOCAL != 0 {
+        (flow.saddr, flow.sport)
+    } else {
+        return None;
+    };
+    Some(FlowKey {
+        saddr: ct.backend_addr,
+        daddr,
+        sport: ct.backend_port,
+        dport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    })
 }
 
 fn map_err(name: &str) -> impl Fn(MapError) -> Error + '_ {
@@ -103,6 +134,7 @@ impl ServiceTables {
             conntrack: open(dir, map_names::CONNTRACK)?,
             rev_nat: open(dir, map_names::REV_NAT)?,
             affinity: open(dir, map_names::AFFINITY)?,
+            service_counters: open(dir, map_names::SERVICE_COUNTERS)?,
         })
     }
 
@@ -276,6 +308,40 @@ impl ServiceTables {
             out.push(kv.map_err(map_err(map_names::REV_NAT))?);
         }
         Ok(out)
+    }
+
+    /// Removes expired flows and their reverse-NAT entries (the programs only check expiry when a
+    /// packet comes; without a sweep, dead flows would sit in the tables until LRU eviction and
+    /// keep their SNAT ports reserved). Returns how many flows went.
+    pub fn sweep_expired(&mut self, now_ns: u64) -> Result<usize, Error> {
+        let expired: Vec<(FlowKey, CtEntry)> = self
+            .conntrack()?
+            .into_iter()
+            .filter(|(_, ct)| ct.expires_ns <= now_ns)
+            .collect();
+        for (flow, ct) in &expired {
+            if let Some(rkey) = reply_key(flow, ct) {
+                // Only if it still points at this flow: the port may already serve a new one.
+                if self.rev_nat.get(&rkey, 0).is_ok_and(|rn| rn.flow == *flow) {
+                    remove_if_present(self.rev_nat.remove(&rkey))
+                        .map_err(map_err(map_names::REV_NAT))?;
+                }
+            }
+            remove_if_present(self.conntrack.remove(flow)).map_err(map_err(map_names::CONNTRACK))?;
+        }
+        Ok(expired.len())
+    }
+
+    /// Packets and bytes translated for a service port, summed over CPUs.
+    pub fn service_traffic(&self, svc_id: u32) -> Result<Traffic, Error> {
+        let per_cpu = self
+            .service_counters
+            .get(&svc_id, 0)
+            .map_err(map_err(map_names::SERVICE_COUNTERS))?;
+        Ok(per_cpu.iter().fold(Traffic::default(), |acc, t| Traffic {
+            packets: acc.packets + t.packets,
+            bytes: acc.bytes + t.bytes,
+        }))
     }
 
     /// Removes every ClientIP affinity entry of `svc_id` that points at a backend not in

@@ -3,151 +3,14 @@
 //! checksums are computed over whole headers, so the programs' incremental checksum updates are
 //! checked by an independent implementation. The FIB the programs consult is a real one, in a
 //! namespace set up by `fixture_net`.
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::net::Ipv4Addr;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
-use nodeport_agent::{
-    Dataplane, PinLayout, Stats,
-    tables::{BackendEntry, ServiceEntry, ServiceTables},
-};
-use nodeport_common::{BACKEND_LOCAL, Config, Counter, FRONTEND_AFFINITY, FRONTEND_ETP_LOCAL, program_names};
+use nodeport_common::{Counter, FRONTEND_AFFINITY, program_names};
 use nodeport_tests::{
     fixture_net::*,
-    packet::{self, ACK, FIN, Frame, ICMP, SYN, TCP, UDP},
+    harness::*,
+    packet::{self, ACK, FIN, Frame, ICMP, SYN, TCP},
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const SNAT_MIN: u16 = 61000;
-const SNAT_MAX: u16 = 65535;
-
-// Services seeded in every harness (nodePort -> backends).
-const NP_REMOTE: u16 = 30080; // TCP -> remote pod 10.244.2.10:8080
-const NP_LOCAL: u16 = 30081; // TCP -> local pod 10.244.1.10:8080
-const NP_UDP_REMOTE: u16 = 30053; // UDP -> 10.244.2.10:5353
-const NP_EMPTY: u16 = 30090; // TCP, no backends
-const NP_ETP_LOCAL_EMPTY: u16 = 30091; // TCP, eTP Local, no local backends
-const NP_AFFINITY: u16 = 30092; // TCP, ClientIP affinity over two remote pods
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-struct Harness {
-    net: FixtureNet,
-    dp: Dataplane,
-    tables: ServiceTables,
-    layout: PinLayout,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = nodeport_agent::unload(&self.layout, false);
-        let _ = std::fs::remove_dir_all(self.layout.root());
-    }
-}
-
-fn be(id: u32, addr: Ipv4Addr, port: u16, proto: u8, local: bool) -> (u32, BackendEntry) {
-    let flags = if local { BACKEND_LOCAL } else { 0 };
-    (id, BackendEntry { addr: SocketAddrV4::new(addr, port), proto, flags })
-}
-
-fn svc(node_port: u16, proto: u8, svc_id: u32, flags: u16, backends: Vec<u32>) -> ServiceEntry {
-    let affinity_timeout_s = if flags & FRONTEND_AFFINITY != 0 { 10800 } else { 0 };
-    ServiceEntry { node_port, proto, svc_id, flags, affinity_timeout_s, backends }
-}
-
-fn harness() -> Harness {
-    let net = FixtureNet::create();
-    let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    let root = PathBuf::from(format!("/sys/fs/bpf/np-fixture-{}-{n}", std::process::id()));
-    let layout = PinLayout::new(root);
-    let dp = Dataplane::load(&layout).expect("loading the embedded eBPF object");
-    let mut tables = ServiceTables::open(&layout.dir()).expect("opening pinned maps");
-    tables
-        .set_config(&Config {
-            snat_port_min: SNAT_MIN,
-            snat_port_max: SNAT_MAX,
-            flags: 0,
-            tcp_syn_timeout_s: 60,
-            tcp_established_timeout_s: 21600,
-            tcp_close_timeout_s: 10,
-            udp_timeout_s: 60,
-        })
-        .unwrap();
-    tables.set_node_addrs(&[NODE]).unwrap();
-    let second_remote = Ipv4Addr::new(10, 244, 2, 11);
-    for (id, b) in [
-        be(1, REMOTE_POD, 8080, TCP, false),
-        be(2, LOCAL_POD, 8080, TCP, true),
-        be(3, REMOTE_POD, 5353, UDP, false),
-        be(4, second_remote, 8080, TCP, false),
-    ] {
-        tables.put_backend(id, b).unwrap();
-    }
-    for s in [
-        svc(NP_REMOTE, TCP, 1, 0, vec![1]),
-        svc(NP_LOCAL, TCP, 2, 0, vec![2]),
-        svc(NP_UDP_REMOTE, UDP, 3, 0, vec![3]),
-        svc(NP_EMPTY, TCP, 4, 0, vec![]),
-        svc(NP_ETP_LOCAL_EMPTY, TCP, 5, FRONTEND_ETP_LOCAL, vec![]),
-        svc(NP_AFFINITY, TCP, 6, FRONTEND_AFFINITY, vec![1, 4]),
-    ] {
-        tables.put_service(&s).unwrap();
-    }
-    Harness { net, dp, tables, layout }
-}
-
-impl Harness {
-    fn xdp(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self.dp.xdp().unwrap();
-        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-        let ctx: Vec<u8> = [0, frame.len() as u32, 0, self.net.node_ifindex, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
-        self.run(prog, frame, Some(ctx))
-    }
-
-    fn tc(&self, name: &str, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &SchedClassifier = self.dp.ebpf().program(name).unwrap().try_into().unwrap();
-        // struct __sk_buff is 192 bytes; `ifindex` (at offset 40) selects the device the skb
-        // arrives on, and with it the namespace's FIB.
-        let mut ctx = vec![0u8; 192];
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        self.run(prog, frame, Some(ctx))
-    }
-
-    fn run<P>(&self, prog: &P, frame: &[u8], ctx: Option<Vec<u8>>) -> (u32, Vec<u8>)
-    where
-        P: Sync + for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
-    {
-        let mut out = vec![0u8; frame.len() + 512];
-        let res = self.net.run(|| {
-            prog.test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: ctx.as_deref(),
-                repeat: 1,
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN")
-        });
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
-    }
-
-    fn stats(&self) -> Stats {
-        Stats::read_pinned(&self.layout).unwrap()
-    }
-}
 
 fn client_to(port: u16, cport: u16, flags: u8) -> Frame {
     Frame::tcp((CLIENT, cport), (NODE, port), flags).with_macs(CLIENT_MAC, NODE_MAC)
@@ -388,4 +251,25 @@ fn malformed_fragmented_and_expiring_packets_pass_untouched() {
     assert_untouched(&h, &ttl.build(), Counter::PassTtlExceeded);
     // None of these created a flow.
     assert!(h.tables.conntrack().unwrap().is_empty());
+}
+
+#[test]
+fn expired_flows_are_swept_with_their_reverse_entries_and_services_counted() {
+    let mut h = harness();
+    let mut cfg = h.tables.config().unwrap();
+    cfg.tcp_syn_timeout_s = 0; // every unanswered SYN expires at once
+    h.tables.set_config(&cfg).unwrap();
+    assert_eq!(h.xdp(&client_to(NP_REMOTE, 61990, SYN).build()).0, XDP_TX);
+    assert_eq!(h.xdp(&client_to(NP_LOCAL, 45990, SYN).build()).0, XDP_PASS);
+    assert_eq!(h.tables.conntrack().unwrap().len(), 2);
+    assert_eq!(h.tables.rev_nat().unwrap().len(), 2);
+    let swept = h.tables.sweep_expired(nodeport_agent::tables::monotonic_ns()).unwrap();
+    assert_eq!(swept, 2);
+    assert!(h.tables.conntrack().unwrap().is_empty());
+    assert!(h.tables.rev_nat().unwrap().is_empty());
+    // Per-service counters saw one packet each, with its bytes.
+    let t = h.tables.service_traffic(1).unwrap();
+    assert_eq!(t.packets, 1);
+    assert_eq!(t.bytes, client_to(NP_REMOTE, 61990, SYN).build().len() as u64);
+    assert_eq!(h.tables.service_traffic(2).unwrap().packets, 1);
 }
