@@ -4,9 +4,16 @@
 # every step checks before it acts and reports only what it installs.
 set -euo pipefail
 
-STABLE=1.99.0
-NIGHTLY=nightly-2026-10-20
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The stable toolchain is the channel of rust-toolchain.toml; the eBPF nightly is the one line of
+# ebpf-toolchain, which nodeport-agent/build.rs and xtask read too: one pin, three readers.
+STABLE=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$ROOT/rust-toolchain.toml")
+NIGHTLY=$(tr -d '[:space:]' <"$ROOT/ebpf-toolchain")
 BPF_LINKER_VERSION=0.13.0
+if [[ -z "$STABLE" || "$NIGHTLY" != nightly-* ]]; then
+  echo "[setup] cannot read the toolchain pins (rust-toolchain.toml: '$STABLE', ebpf-toolchain: '$NIGHTLY')" >&2
+  exit 1
+fi
 APT_PACKAGES=(iproute2 bpftool iptables nftables curl ethtool tcpdump socat iperf3 wrk)
 
 say() { printf '[setup] %s\n' "$*"; }
