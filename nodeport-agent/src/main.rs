@@ -1,1 +1,190 @@
-fn main() {}
+//! `nodeport-agent`: load, inspect and unload the NodePort dataplane. A thin layer over the
+//! library; the Kubernetes-driven `run` subcommand will join these.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use nodeport_agent::{
+    AttachPlan, Dataplane, Ingress, PinLayout, Stats, TcBackend, XdpAttachMode, stats, unload,
+};
+use nodeport_common::DEFAULT_PIN_ROOT;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "eBPF/XDP NodePort dataplane for Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct PinArgs {
+    /// bpffs directory under which the versioned pin directory (v<N>) lives.
+    #[arg(long, env = "NODEPORT_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum IngressHook {
+    Xdp,
+    Tc,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load the programs (maps pinned or reused), attach them to interfaces and pin the links, so
+    /// the dataplane keeps running after this command exits. Loading again replaces in place.
+    Load {
+        /// Interface to attach to (repeat for several), in this process's network namespace.
+        #[arg(long, required = true)]
+        iface: Vec<String>,
+        /// XDP mode: native (driver) or generic (skb).
+        #[arg(long, value_enum, default_value_t = XdpAttachMode::Native)]
+        xdp_mode: XdpAttachMode,
+        /// Hook for the ingress program: XDP, or TC where XDP cannot forward.
+        #[arg(long, value_enum, default_value_t = IngressHook::Xdp)]
+        ingress: IngressHook,
+        /// Do not attach np_tc_egress (reverse translation for local backends).
+        #[arg(long)]
+        no_egress: bool,
+        /// How TC programs attach: tcx (Linux 6.6+), netlink clsact, or auto (tcx, else netlink).
+        #[arg(long, value_enum, default_value_t = TcBackend::Auto)]
+        tc_backend: TcBackend,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// Detach everything and remove the pins (links, programs, maps).
+    Unload {
+        /// Also remove pins of other map layout versions under the pin root.
+        #[arg(long)]
+        all_versions: bool,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// Print the packet counters by name, summed over CPUs.
+    Stats {
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Load {
+            iface,
+            xdp_mode,
+            ingress,
+            no_egress,
+            tc_backend,
+            pin,
+        } => {
+            let layout = PinLayout::new(pin.pin_root);
+            let plan = AttachPlan {
+                ingress: match ingress {
+                    IngressHook::Xdp => Ingress::Xdp(xdp_mode),
+                    IngressHook::Tc => Ingress::Tc,
+                },
+                egress: !no_egress,
+                tc_backend,
+            };
+            let mut dataplane = Dataplane::load(&layout).context("loading the dataplane")?;
+            println!("loaded; pinned under {}", layout.dir().display());
+            for name in &iface {
+                for done in dataplane
+                    .attach_interface(name, &plan)
+                    .with_context(|| format!("attaching to {name}"))?
+                {
+                    println!("{done}");
+                }
+            }
+        }
+        Command::Unload { all_versions, pin } => {
+            let layout = PinLayout::new(pin.pin_root);
+            let done = unload(&layout, all_versions).context("unloading")?;
+            for filter in &done.filters {
+                println!("detached netlink filter {filter}");
+            }
+            for dir in &done.dirs {
+                println!("removed {}", dir.display());
+            }
+            if done.dirs.is_empty() {
+                println!("nothing pinned under {}", layout.root().display());
+            }
+        }
+        Command::Stats { pin } => {
+            let layout = PinLayout::new(pin.pin_root);
+            let counters = Stats::read_pinned(&layout)
+                .with_context(|| format!("reading counters under {}", layout.dir().display()))?;
+            print!("{}", stats::render(&counters));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn load_defaults_to_native_xdp_with_egress() {
+        let cli = Cli::try_parse_from(["nodeport-agent", "load", "--iface", "eth0"]).unwrap();
+        let Command::Load {
+            iface,
+            xdp_mode,
+            ingress,
+            no_egress,
+            tc_backend,
+            pin,
+        } = cli.command
+        else {
+            panic!("not load");
+        };
+        assert_eq!(iface, ["eth0"]);
+        assert_eq!(xdp_mode, XdpAttachMode::Native);
+        assert_eq!(ingress, IngressHook::Xdp);
+        assert!(!no_egress);
+        assert_eq!(tc_backend, TcBackend::Auto);
+        assert_eq!(pin.pin_root, PathBuf::from(DEFAULT_PIN_ROOT));
+    }
+
+    #[test]
+    fn load_requires_an_interface() {
+        assert!(Cli::try_parse_from(["nodeport-agent", "load"]).is_err());
+    }
+
+    #[test]
+    fn generic_mode_and_pin_root_parse() {
+        let cli = Cli::try_parse_from([
+            "nodeport-agent",
+            "load",
+            "--iface",
+            "a",
+            "--iface",
+            "b",
+            "--xdp-mode",
+            "generic",
+            "--pin-root",
+            "/sys/fs/bpf/x",
+        ])
+        .unwrap();
+        let Command::Load {
+            iface,
+            xdp_mode,
+            pin,
+            ..
+        } = cli.command
+        else {
+            panic!("not load");
+        };
+        assert_eq!(iface, ["a", "b"]);
+        assert_eq!(xdp_mode, XdpAttachMode::Generic);
+        assert_eq!(pin.pin_root, PathBuf::from("/sys/fs/bpf/x"));
+    }
+}

@@ -1,0 +1,18 @@
+//! The NodePort dataplane's userspace side: loading the eBPF object into the kernel, attaching it
+//! to interfaces, and reading its maps back. `main.rs` is a thin CLI over these modules; the
+//! Kubernetes side (watching Services and EndpointSlices, writing the service maps) lands as
+//! further modules next to them.
+
+pub mod attach;
+pub mod error;
+mod link;
+pub mod loader;
+pub mod pin;
+pub mod stats;
+pub mod tables;
+
+pub use attach::{AttachPlan, Attached, Ingress, TcBackend, TcDirection, XdpAttachMode, unload};
+pub use error::Error;
+pub use loader::{Dataplane, object};
+pub use pin::PinLayout;
+pub use stats::Stats;
