@@ -1,0 +1,52 @@
+//! A pin root of its own per test, so tests neither collide with each other nor with an agent
+//! running on the machine, and are removed even when the test panics.
+
+use std::path::PathBuf;
+
+use nodeport_agent::PinLayout;
+
+use crate::{require_kernel, unique};
+
+pub struct TestPins {
+    layout: PinLayout,
+}
+
+impl TestPins {
+    /// `/sys/fs/bpf/nodeport-test-<pid>-<n>`. Checks for root and bpffs first.
+    pub fn new() -> Self {
+        require_kernel();
+        let root = PathBuf::from(format!(
+            "/sys/fs/bpf/nodeport-test-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        Self {
+            layout: PinLayout::new(root),
+        }
+    }
+
+    pub fn layout(&self) -> &PinLayout {
+        &self.layout
+    }
+}
+
+impl Default for TestPins {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        // unload detaches netlink filters it finds; the tests' namespaces are deleted anyway.
+        if let Err(e) = nodeport_agent::unload(&self.layout, true) {
+            eprintln!("cleanup: unload {}: {e}", self.layout.root().display());
+        }
+        let root = self.layout.root();
+        if root.exists()
+            && let Err(e) = std::fs::remove_dir_all(root)
+        {
+            eprintln!("cleanup: removing {}: {e}", root.display());
+        }
+    }
+}
