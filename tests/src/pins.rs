@@ -15,6 +15,8 @@ impl TestPins {
     /// `/sys/fs/bpf/nodeport-test-<pid>-<n>`. Checks for root and bpffs first.
     pub fn new() -> Self {
         require_kernel();
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(sweep_stale);
         let root = PathBuf::from(format!(
             "/sys/fs/bpf/nodeport-test-{}-{}",
             std::process::id(),
@@ -27,6 +29,29 @@ impl TestPins {
 
     pub fn layout(&self) -> &PinLayout {
         &self.layout
+    }
+}
+
+/// Removes pin roots left by test processes that died before their guards ran (the pid in the
+/// name no longer exists), so they neither pile up nor keep programs attached.
+fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("nodeport-test-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !PathBuf::from(format!("/proc/{pid}")).exists() {
+            let layout = PinLayout::new(entry.path());
+            let _ = nodeport_agent::unload(&layout, true);
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
