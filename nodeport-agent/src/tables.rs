@@ -327,7 +327,8 @@ impl ServiceTables {
                         .map_err(map_err(map_names::REV_NAT))?;
                 }
             }
-            remove_if_present(self.conntrack.remove(flow)).map_err(map_err(map_names::CONNTRACK))?;
+            remove_if_present(self.conntrack.remove(flow))
+                .map_err(map_err(map_names::CONNTRACK))?;
         }
         Ok(expired.len())
     }

@@ -44,7 +44,10 @@ pub fn initial_tcp_state(proto: u8, flags: u8) -> u8 {
 pub fn account(ct: &mut CtEntry, proto: u8, flags: u8, dir: Dir, cfg: &Config, now: u64) {
     let timeout_s = if proto == IPPROTO_TCP {
         let mut st = ct.tcp_state;
-        if dir == Dir::Client && is_syn_only(flags) && st & (TCP_RST | TCP_FIN_CLIENT | TCP_FIN_BACKEND) != 0 {
+        if dir == Dir::Client
+            && is_syn_only(flags)
+            && st & (TCP_RST | TCP_FIN_CLIENT | TCP_FIN_BACKEND) != 0
+        {
             // The client reuses the tuple for a new connection (like netfilter's TIME_WAIT
             // re-open): same backend and SNAT port, fresh state.
             st = TCP_SEEN_SYN;
@@ -53,13 +56,19 @@ pub fn account(ct: &mut CtEntry, proto: u8, flags: u8, dir: Dir, cfg: &Config, n
             st |= TCP_RST;
         }
         if flags & TCP_FIN != 0 {
-            st |= if dir == Dir::Client { TCP_FIN_CLIENT } else { TCP_FIN_BACKEND };
+            st |= if dir == Dir::Client {
+                TCP_FIN_CLIENT
+            } else {
+                TCP_FIN_BACKEND
+            };
         }
         if dir == Dir::Backend {
             st |= TCP_SEEN_REPLY;
         }
         ct.tcp_state = st;
-        if st & TCP_RST != 0 || st & (TCP_FIN_CLIENT | TCP_FIN_BACKEND) == (TCP_FIN_CLIENT | TCP_FIN_BACKEND) {
+        if st & TCP_RST != 0
+            || st & (TCP_FIN_CLIENT | TCP_FIN_BACKEND) == (TCP_FIN_CLIENT | TCP_FIN_BACKEND)
+        {
             cfg.tcp_close_timeout_s
         } else if st & TCP_SEEN_REPLY != 0 {
             cfg.tcp_established_timeout_s

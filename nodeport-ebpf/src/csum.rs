@@ -16,7 +16,8 @@ impl Delta {
 
     #[inline(always)]
     pub fn dword(self, old: u32, new: u32) -> Self {
-        self.word(old as u16, new as u16).word((old >> 16) as u16, (new >> 16) as u16)
+        self.word(old as u16, new as u16)
+            .word((old >> 16) as u16, (new >> 16) as u16)
     }
 
     #[inline(always)]

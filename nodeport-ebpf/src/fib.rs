@@ -9,7 +9,11 @@ const AF_INET: u8 = 2;
 
 pub enum Route {
     /// Next hop resolved: egress interface and the MAC addresses to use.
-    Resolved { ifindex: u32, smac: [u8; 6], dmac: [u8; 6] },
+    Resolved {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
     /// Route found but the neighbour is not (yet) resolved: only the stack or
     /// bpf_redirect_neigh can send it.
     NoNeighbour { ifindex: u32 },
@@ -43,9 +47,15 @@ pub fn lookup(ctx: *mut c_void, ifindex: u32, proto: u8, nat: &Nat) -> Route {
     match ret as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             let macs = unsafe { params.__bindgen_anon_6.__bindgen_anon_2 };
-            Route::Resolved { ifindex: params.ifindex, smac: macs.smac, dmac: macs.dmac }
+            Route::Resolved {
+                ifindex: params.ifindex,
+                smac: macs.smac,
+                dmac: macs.dmac,
+            }
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour { ifindex: params.ifindex },
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour {
+            ifindex: params.ifindex,
+        },
         _ => Route::None,
     }
 }

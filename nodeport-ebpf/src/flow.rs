@@ -46,7 +46,14 @@ fn config() -> Option<&'static Config> {
 
 #[inline(always)]
 fn flow_key(p: &Packet) -> FlowKey {
-    FlowKey { saddr: p.saddr, daddr: p.daddr, sport: p.sport, dport: p.dport, proto: p.proto, _pad: [0; 3] }
+    FlowKey {
+        saddr: p.saddr,
+        daddr: p.daddr,
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
 }
 
 /// A packet arriving on a node interface: a new or tracked NodePort flow, or a reply to a
@@ -68,7 +75,11 @@ pub fn ingress(p: &Packet) -> Decision {
     if p.ttl <= 1 {
         return Decision::Pass(Counter::PassTtlExceeded);
     }
-    let fkey = FrontendKey { port: p.dport, proto: p.proto, _pad: 0 };
+    let fkey = FrontendKey {
+        port: p.dport,
+        proto: p.proto,
+        _pad: 0,
+    };
     if let Some(fe) = unsafe { FRONTENDS.get(&fkey) } {
         return service(p, *fe, cfg);
     }
@@ -82,16 +93,37 @@ pub fn ingress(p: &Packet) -> Decision {
 #[inline(always)]
 fn forward_nat(p: &Packet, ct: &CtEntry) -> Nat {
     if ct.flags & CT_SNAT != 0 {
-        Nat { saddr: ct.nat_addr, sport: ct.nat_port, daddr: ct.backend_addr, dport: ct.backend_port }
+        Nat {
+            saddr: ct.nat_addr,
+            sport: ct.nat_port,
+            daddr: ct.backend_addr,
+            dport: ct.backend_port,
+        }
     } else {
-        Nat { saddr: p.saddr, sport: p.sport, daddr: ct.backend_addr, dport: ct.backend_port }
+        Nat {
+            saddr: p.saddr,
+            sport: p.sport,
+            daddr: ct.backend_addr,
+            dport: ct.backend_port,
+        }
     }
 }
 
 #[inline(always)]
 fn reply_key_of(p: &Packet, ct: &CtEntry) -> FlowKey {
-    let (daddr, dport) = if ct.flags & CT_SNAT != 0 { (ct.nat_addr, ct.nat_port) } else { (p.saddr, p.sport) };
-    FlowKey { saddr: ct.backend_addr, daddr, sport: ct.backend_port, dport, proto: p.proto, _pad: [0; 3] }
+    let (daddr, dport) = if ct.flags & CT_SNAT != 0 {
+        (ct.nat_addr, ct.nat_port)
+    } else {
+        (p.saddr, p.sport)
+    };
+    FlowKey {
+        saddr: ct.backend_addr,
+        daddr,
+        sport: ct.backend_port,
+        dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
 }
 
 #[inline(always)]
@@ -178,7 +210,11 @@ fn tracked_reply(p: &Packet, cfg: &Config, want: u8) -> Option<(FlowKey, u32)> {
     let ctp = CONNTRACK.get_ptr_mut(&fwd)?;
     let mut ct = unsafe { *ctp };
     let now = now_ns();
-    if ct.flags & want == 0 || ct.expires_ns <= now || ct.backend_addr != p.saddr || ct.backend_port != p.sport {
+    if ct.flags & want == 0
+        || ct.expires_ns <= now
+        || ct.backend_addr != p.saddr
+        || ct.backend_port != p.sport
+    {
         return None;
     }
     if want == CT_SNAT && (ct.nat_port != p.dport || ct.nat_addr != p.daddr) {
@@ -194,7 +230,12 @@ fn tracked_reply(p: &Packet, cfg: &Config, want: u8) -> Option<(FlowKey, u32)> {
 
 #[inline(always)]
 fn reply_nat(fwd: &FlowKey) -> Nat {
-    Nat { saddr: fwd.daddr, sport: fwd.dport, daddr: fwd.saddr, dport: fwd.sport }
+    Nat {
+        saddr: fwd.daddr,
+        sport: fwd.dport,
+        daddr: fwd.saddr,
+        dport: fwd.sport,
+    }
 }
 
 /// A reply from a remote backend to a source-NATed flow, arriving at this node.

@@ -27,25 +27,31 @@ pub fn select(fe: &Frontend, client_addr: u32, now: u64) -> Result<(u32, Backend
             Counter::DropNoBackend
         });
     };
-    let aff_key = AffinityKey { svc_id: fe.svc_id, client_addr };
-    if fe.flags & FRONTEND_AFFINITY != 0 {
-        if let Some(a) = unsafe { AFFINITY.get(&aff_key) } {
-            let (id, last) = (a.backend_id, a.last_used_ns);
-            // The agent removes affinity entries of backends that leave the service, so an
-            // existing backend here is still one of the service's.
-            if now.wrapping_sub(last) <= seconds_to_ns(fe.affinity_timeout_s) {
-                if let Some(b) = backend(id) {
-                    remember(&aff_key, id, now);
-                    return Ok((id, b));
-                }
-            }
-        }
+    let aff_key = AffinityKey {
+        svc_id: fe.svc_id,
+        client_addr,
+    };
+    if fe.flags & FRONTEND_AFFINITY != 0
+        && let Some(a) = unsafe { AFFINITY.get(&aff_key) }
+        // The agent removes affinity entries of backends that leave the service, so an
+        // existing backend here is still one of the service's.
+        && now.wrapping_sub(a.last_used_ns) <= seconds_to_ns(fe.affinity_timeout_s)
+        && let Some(b) = backend(a.backend_id)
+    {
+        let id = a.backend_id;
+        remember(&aff_key, id, now);
+        return Ok((id, b));
     }
     let rnd = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
     let slot = rnd % count + 1;
-    let id = unsafe { SLOTS.get(&SlotKey { svc_id: fe.svc_id, slot }) }
-        .map(|s| s.backend_id)
-        .ok_or(Counter::DropStaleSlot)?;
+    let id = unsafe {
+        SLOTS.get(&SlotKey {
+            svc_id: fe.svc_id,
+            slot,
+        })
+    }
+    .map(|s| s.backend_id)
+    .ok_or(Counter::DropStaleSlot)?;
     let b = backend(id).ok_or(Counter::DropStaleSlot)?;
     if fe.flags & FRONTEND_AFFINITY != 0 {
         remember(&aff_key, id, now);
@@ -55,7 +61,11 @@ pub fn select(fe: &Frontend, client_addr: u32, now: u64) -> Result<(u32, Backend
 
 #[inline(always)]
 fn remember(key: &AffinityKey, backend_id: u32, now: u64) {
-    let v = Affinity { last_used_ns: now, backend_id, _pad: 0 };
+    let v = Affinity {
+        last_used_ns: now,
+        backend_id,
+        _pad: 0,
+    };
     // Best effort: a failed insert only costs affinity for this one flow.
     let _ = AFFINITY.insert(key, &v, 0);
 }

@@ -17,8 +17,7 @@ pub static NODE_ADDRS: HashMap<NodeAddrKey, NodeAddr, { cap::NODE_ADDRS as usize
     HashMap::new();
 
 #[btf_map(name = "np_front4", pin_by_name)]
-pub static FRONTENDS: HashMap<FrontendKey, Frontend, { cap::FRONTENDS as usize }> =
-    HashMap::new();
+pub static FRONTENDS: HashMap<FrontendKey, Frontend, { cap::FRONTENDS as usize }> = HashMap::new();
 
 #[btf_map(name = "np_slot4", pin_by_name)]
 pub static SLOTS: HashMap<SlotKey, Slot, { cap::SLOTS as usize }> = HashMap::new();
@@ -28,8 +27,7 @@ pub static BACKENDS: HashMap<BackendKey, Backend, { cap::BACKENDS as usize }> = 
 
 /// LRU: a full table evicts the least recently used flow instead of refusing new ones.
 #[btf_map(name = "np_ct4", pin_by_name)]
-pub static CONNTRACK: LruHashMap<FlowKey, CtEntry, { cap::CONNTRACK as usize }> =
-    LruHashMap::new();
+pub static CONNTRACK: LruHashMap<FlowKey, CtEntry, { cap::CONNTRACK as usize }> = LruHashMap::new();
 
 #[btf_map(name = "np_rnat4", pin_by_name)]
 pub static REV_NAT: LruHashMap<FlowKey, RevNat, { cap::REV_NAT as usize }> = LruHashMap::new();
@@ -42,5 +40,4 @@ pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { cap::AFFINITY as usize 
 pub static COUNTERS: PerCpuArray<Traffic, { Counter::COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "np_svc_stats", pin_by_name)]
-pub static SERVICE_COUNTERS: PerCpuArray<Traffic, { cap::SERVICES as usize }> =
-    PerCpuArray::new();
+pub static SERVICE_COUNTERS: PerCpuArray<Traffic, { cap::SERVICES as usize }> = PerCpuArray::new();

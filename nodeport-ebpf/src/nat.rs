@@ -33,7 +33,9 @@ fn in_use(rkey: &FlowKey, now: u64) -> bool {
         return false;
     };
     match unsafe { CONNTRACK.get(&rn.flow) } {
-        Some(ct) => ct.expires_ns > now && ct.nat_port == rkey.dport && ct.backend_addr == rkey.saddr,
+        Some(ct) => {
+            ct.expires_ns > now && ct.nat_port == rkey.dport && ct.backend_addr == rkey.saddr
+        }
         None => false,
     }
 }
@@ -41,16 +43,20 @@ fn in_use(rkey: &FlowKey, now: u64) -> bool {
 /// Allocates a source port (network byte order) for `flow` towards backend `b`, SNAT'd to
 /// `nat_addr`, and records the reverse entry. None when every try collided with a live flow.
 #[inline(always)]
-pub fn alloc_snat(flow: &FlowKey, b: &Backend, nat_addr: u32, cfg: &Config, now: u64) -> Option<u16> {
+pub fn alloc_snat(
+    flow: &FlowKey,
+    b: &Backend,
+    nat_addr: u32,
+    cfg: &Config,
+    now: u64,
+) -> Option<u16> {
     let min = u32::from(cfg.snat_port_min);
     let max = u32::from(cfg.snat_port_max);
     if min == 0 || max < min {
         return None;
     }
     // NonZero division compiles without a panic path (the verifier would reject one).
-    let Some(range) = core::num::NonZeroU32::new(max - min + 1) else {
-        return None;
-    };
+    let range = core::num::NonZeroU32::new(max - min + 1)?;
     let client_port = u32::from(u16::from_be(flow.sport));
     let mut off = if client_port >= min && client_port <= max {
         client_port - min
@@ -61,7 +67,10 @@ pub fn alloc_snat(flow: &FlowKey, b: &Backend, nat_addr: u32, cfg: &Config, now:
     for _ in 0..SNAT_TRIES {
         let port = ((min + off) as u16).to_be();
         let rkey = reply_key(b, nat_addr, port);
-        if REV_NAT.insert(&rkey, &value, u64::from(BPF_NOEXIST)).is_ok() {
+        if REV_NAT
+            .insert(&rkey, &value, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
             return Some(port);
         }
         // Taken: reclaim it if the flow that held it has expired or moved on.

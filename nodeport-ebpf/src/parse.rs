@@ -46,7 +46,12 @@ pub struct Packet {
 impl Packet {
     #[inline(always)]
     pub fn l4_check_off(&self) -> usize {
-        self.l4_off + if self.proto == IPPROTO_TCP { TCP_CHECK } else { UDP_CHECK }
+        self.l4_off
+            + if self.proto == IPPROTO_TCP {
+                TCP_CHECK
+            } else {
+                UDP_CHECK
+            }
     }
 }
 
@@ -70,9 +75,12 @@ fn read_u32(p: usize) -> u32 {
     unsafe { core::ptr::read_unaligned(p as *const u32) }
 }
 
-/// Parses Ethernet + IPv4 + TCP/UDP. Errors say which pass counter applies.
+/// Parses Ethernet + IPv4 + TCP/UDP. `pkt_len` is the whole packet's length: in XDP it is
+/// `data_end - data`; in TC only the headers need be linear (directly readable up to
+/// `data_end`), the payload may sit in page fragments, so the IP total length is checked
+/// against `skb->len`. Errors say which pass counter applies.
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize) -> Result<Packet, Counter> {
+pub fn parse(data: usize, data_end: usize, pkt_len: usize) -> Result<Packet, Counter> {
     let eth = ptr_at(data, data_end, 0, ETH_LEN).ok_or(Counter::PassMalformed)?;
     // VLAN-tagged frames are not parsed: they pass like any other non-IPv4 frame.
     if u16::from_be(read_u16(eth + 12)) != ETH_P_IP {
@@ -118,7 +126,7 @@ pub fn parse(data: usize, data_end: usize) -> Result<Packet, Counter> {
         }
     }
     let tot_len = u16::from_be(read_u16(ip + 2)) as usize;
-    if tot_len < ip_len || data + ETH_LEN + tot_len > data_end {
+    if tot_len < ip_len || ETH_LEN + tot_len > pkt_len {
         return Err(Counter::PassMalformed);
     }
     // Ports are only in the first fragment; callers never translate any fragment.

@@ -5,9 +5,7 @@
 //! veth) correct.
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, __sk_buff,
-    },
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
 use nodeport_common::{Counter, IPPROTO_UDP};
@@ -15,7 +13,10 @@ use nodeport_common::{Counter, IPPROTO_UDP};
 use crate::{
     fib::{self, Route},
     flow::{self, Decision, Nat, Translation},
-    parse::{self, ETH_LEN, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL, L4_DPORT, L4_SPORT, MAX_HEADERS, Packet},
+    parse::{
+        self, ETH_LEN, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL, L4_DPORT, L4_SPORT, MAX_HEADERS,
+        Packet,
+    },
     stats::{count, count_service},
 };
 
@@ -27,26 +28,38 @@ fn parse(ctx: &TcContext) -> Result<Packet, Counter> {
         let want = core::cmp::min(ctx.len() as usize, MAX_HEADERS);
         let _ = ctx.skb.pull_data(want as u32);
     }
-    parse::parse(ctx.data(), ctx.data_end())
+    parse::parse(ctx.data(), ctx.data_end(), ctx.len() as usize)
+}
+
+/// Whether the XDP program already judged this packet (see `xdp::JUDGED_MARK`).
+#[inline(always)]
+fn judged_by_xdp(ctx: &TcContext) -> bool {
+    let skb = ctx.as_ptr() as *const __sk_buff;
+    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
+    meta + 4 <= data
+        && unsafe { core::ptr::read_unaligned(meta as *const u32) } == crate::xdp::JUDGED_MARK
 }
 
 pub fn ingress(ctx: &TcContext) -> i32 {
+    if judged_by_xdp(ctx) {
+        return TC_ACT_OK;
+    }
     let len = ctx.len();
     let p = match parse(ctx) {
         Ok(p) => p,
         Err(c) => {
             count(c, len);
-            return TC_ACT_OK as i32;
+            return TC_ACT_OK;
         }
     };
     match flow::ingress(&p) {
         Decision::Pass(c) => {
             count(c, len);
-            TC_ACT_OK as i32
+            TC_ACT_OK
         }
         Decision::Drop(c) => {
             count(c, len);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
         Decision::Translate(t) => forward(ctx, &p, &t, len),
     }
@@ -56,17 +69,17 @@ pub fn egress(ctx: &TcContext) -> i32 {
     let len = ctx.len();
     let Ok(p) = parse(ctx) else {
         // Egress traffic is not ours to judge: no counter for what we never translate.
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     if let Decision::Translate(t) = flow::egress(&p) {
         if rewrite(ctx, &p, &t.nat, false).is_err() {
             count(Counter::DropRewrite, len);
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
         count(t.counter, len);
         count_service(t.svc_id, len);
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 fn forward(ctx: &TcContext, p: &Packet, t: &Translation, len: u32) -> i32 {
@@ -78,11 +91,11 @@ fn forward(ctx: &TcContext, p: &Packet, t: &Translation, len: u32) -> i32 {
     };
     if out.is_none() && t.snat {
         count(Counter::DropNoRoute, len);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     if rewrite(ctx, p, &t.nat, out.is_some()).is_err() {
         count(Counter::DropRewrite, len);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     count(t.counter, len);
     count_service(t.svc_id, len);
@@ -93,7 +106,7 @@ fn forward(ctx: &TcContext, p: &Packet, t: &Translation, len: u32) -> i32 {
             aya_ebpf::helpers::bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
         // No route for a DNAT-only packet: the stack answers as it would for any destination.
-        None => TC_ACT_OK as i32,
+        None => TC_ACT_OK,
     }
 }
 
@@ -104,7 +117,11 @@ fn rewrite(ctx: &TcContext, p: &Packet, nat: &Nat, forwarding: bool) -> Result<(
     let l4_check = p.l4_check_off();
     // BPF_F_MARK_MANGLED_0: a zero UDP checksum ("none") stays zero, a computed zero becomes
     // 0xffff. TCP checksums are never zero on the wire.
-    let mangled = if p.proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let mangled = if p.proto == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
     let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled;
     if nat.saddr != p.saddr {
         ctx.l4_csum_replace(l4_check, p.saddr as u64, nat.saddr as u64, pseudo | 4)?;

@@ -14,24 +14,43 @@ use crate::{
     csum::Delta,
     fib::{self, Route},
     flow::{self, Decision, Nat, Translation},
-    parse::{self, ETH_LEN, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL, L4_DPORT, L4_SPORT, Packet, ptr_at},
+    parse::{
+        self, ETH_LEN, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL, L4_DPORT, L4_SPORT, Packet, ptr_at,
+    },
     stats::{count, count_service},
 };
+
+/// Marks a packet XDP has fully judged before handing it to the stack, in XDP metadata: the TC
+/// ingress program attached beside us (as fallback) then lets it through at once, so it is
+/// neither processed nor counted twice. A packet handed up for TC to translate carries no mark.
+pub const JUDGED_MARK: u32 = 0x4e50_4a44; // "NPJD"
+
+#[inline(always)]
+fn pass_judged(ctx: &XdpContext) -> u32 {
+    // Best effort: a driver without metadata support just costs TC a second look.
+    if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_meta(ctx.ctx, -4) } == 0 {
+        let (meta, data) = (ctx.metadata(), ctx.data());
+        if meta + 4 <= data && data <= ctx.data_end() {
+            store(meta, JUDGED_MARK);
+        }
+    }
+    XDP_PASS
+}
 
 pub fn run(ctx: &XdpContext) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
     let len = (end - data) as u32;
-    let p = match parse::parse(data, end) {
+    let p = match parse::parse(data, end, len as usize) {
         Ok(p) => p,
         Err(c) => {
             count(c, len);
-            return XDP_PASS;
+            return pass_judged(ctx);
         }
     };
     match flow::ingress(&p) {
         Decision::Pass(c) => {
             count(c, len);
-            XDP_PASS
+            pass_judged(ctx)
         }
         Decision::Drop(c) => {
             count(c, len);
@@ -44,9 +63,15 @@ pub fn run(ctx: &XdpContext) -> u32 {
 fn forward(ctx: &XdpContext, p: &Packet, t: &Translation, len: u32) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
     let (action, out_ifindex, macs) = match fib::lookup(ctx.as_ptr(), ifindex, p.proto, &t.nat) {
-        Route::Resolved { ifindex: out, smac, dmac } => {
-            (if out == ifindex { XDP_TX } else { XDP_REDIRECT }, out, Some((smac, dmac)))
-        }
+        Route::Resolved {
+            ifindex: out,
+            smac,
+            dmac,
+        } => (
+            if out == ifindex { XDP_TX } else { XDP_REDIRECT },
+            out,
+            Some((smac, dmac)),
+        ),
         Route::NoNeighbour { .. } | Route::None if !t.snat => (XDP_PASS, 0, None),
         _ => {
             count(Counter::PassFibMiss, len);
@@ -62,7 +87,7 @@ fn forward(ctx: &XdpContext, p: &Packet, t: &Translation, len: u32) -> u32 {
         }
         count(t.counter, len);
         count_service(t.svc_id, len);
-        return XDP_PASS;
+        return pass_judged(ctx);
     }
     if rewrite(ctx, p, &t.nat, macs).is_err() {
         count(Counter::DropRewrite, len);
@@ -89,7 +114,12 @@ fn load<T: Copy>(addr: usize) -> T {
 /// Rewrites addresses and ports with incremental checksums; when we transmit ourselves
 /// (`macs` given) also the Ethernet addresses and the TTL, as a router would.
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, p: &Packet, nat: &Nat, macs: Option<([u8; 6], [u8; 6])>) -> Result<(), ()> {
+fn rewrite(
+    ctx: &XdpContext,
+    p: &Packet,
+    nat: &Nat,
+    macs: Option<([u8; 6], [u8; 6])>,
+) -> Result<(), ()> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let ip = ptr_at(data, end, ETH_LEN, 20).ok_or(())?;
     let l4_len = if p.proto == IPPROTO_UDP { 8 } else { 20 };
@@ -99,8 +129,12 @@ fn rewrite(ctx: &XdpContext, p: &Packet, nat: &Nat, macs: Option<([u8; 6], [u8; 
         return Err(());
     }
 
-    let addrs = Delta::default().dword(p.saddr, nat.saddr).dword(p.daddr, nat.daddr);
-    let ports = Delta::default().word(p.sport, nat.sport).word(p.dport, nat.dport);
+    let addrs = Delta::default()
+        .dword(p.saddr, nat.saddr)
+        .dword(p.daddr, nat.daddr);
+    let ports = Delta::default()
+        .word(p.sport, nat.sport)
+        .word(p.dport, nat.dport);
     let mut ip_delta = addrs;
     if let Some((smac, dmac)) = macs {
         store(data, dmac);

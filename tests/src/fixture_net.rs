@@ -76,8 +76,12 @@ impl FixtureNet {
             v.extend_from_slice(args);
             ip(&v);
         };
-        x(&["link", "add", "f0", "type", "veth", "peer", "name", "f1", "netns", &peer]);
-        x(&["link", "add", "p0", "type", "veth", "peer", "name", "p1", "netns", &peer]);
+        x(&[
+            "link", "add", "f0", "type", "veth", "peer", "name", "f1", "netns", &peer,
+        ]);
+        x(&[
+            "link", "add", "p0", "type", "veth", "peer", "name", "p1", "netns", &peer,
+        ]);
         x(&["link", "set", "f0", "address", "02:00:00:00:00:02", "up"]);
         x(&["link", "set", "p0", "address", "02:00:00:00:01:01", "up"]);
         x(&["link", "set", "lo", "up"]);
@@ -90,20 +94,54 @@ impl FixtureNet {
             ("198.18.0.100", "02:00:00:00:00:64", "f0"),
             ("10.244.1.10", "02:00:00:00:01:0a", "p0"),
         ] {
-            x(&["neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent"]);
+            x(&[
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
         }
-        x(&["route", "add", "10.244.2.0/24", "via", "198.18.0.3", "dev", "f0"]);
+        x(&[
+            "route",
+            "add",
+            "10.244.2.0/24",
+            "via",
+            "198.18.0.3",
+            "dev",
+            "f0",
+        ]);
         let sysctl = Command::new("ip")
-            .args(["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])
             .status()
             .expect("sysctl");
         assert!(sysctl.success(), "enabling forwarding in {ns}");
         let ifindex = |dev: &str| -> u32 {
             let out = Command::new("ip")
-                .args(["netns", "exec", &ns, "cat", &format!("/sys/class/net/{dev}/ifindex")])
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "cat",
+                    &format!("/sys/class/net/{dev}/ifindex"),
+                ])
                 .output()
                 .expect("reading ifindex");
-            String::from_utf8_lossy(&out.stdout).trim().parse().expect("ifindex")
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .expect("ifindex")
         };
         net.node_ifindex = ifindex("f0");
         net.pod_ifindex = ifindex("p0");
@@ -118,7 +156,12 @@ impl FixtureNet {
             s.spawn(|| {
                 let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
                 let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns into {path}: {}", std::io::Error::last_os_error());
+                assert_eq!(
+                    rc,
+                    0,
+                    "setns into {path}: {}",
+                    std::io::Error::last_os_error()
+                );
                 f()
             })
             .join()

@@ -54,12 +54,30 @@ impl Drop for Harness {
 
 pub fn be(id: u32, addr: Ipv4Addr, port: u16, proto: u8, local: bool) -> (u32, BackendEntry) {
     let flags = if local { BACKEND_LOCAL } else { 0 };
-    (id, BackendEntry { addr: SocketAddrV4::new(addr, port), proto, flags })
+    (
+        id,
+        BackendEntry {
+            addr: SocketAddrV4::new(addr, port),
+            proto,
+            flags,
+        },
+    )
 }
 
 pub fn svc(node_port: u16, proto: u8, svc_id: u32, flags: u16, backends: Vec<u32>) -> ServiceEntry {
-    let affinity_timeout_s = if flags & FRONTEND_AFFINITY != 0 { 10800 } else { 0 };
-    ServiceEntry { node_port, proto, svc_id, flags, affinity_timeout_s, backends }
+    let affinity_timeout_s = if flags & FRONTEND_AFFINITY != 0 {
+        10800
+    } else {
+        0
+    };
+    ServiceEntry {
+        node_port,
+        proto,
+        svc_id,
+        flags,
+        affinity_timeout_s,
+        backends,
+    }
 }
 
 pub fn harness() -> Harness {
@@ -100,18 +118,35 @@ pub fn harness() -> Harness {
     ] {
         tables.put_service(&s).unwrap();
     }
-    Harness { net, dp, tables, layout }
+    Harness {
+        net,
+        dp,
+        tables,
+        layout,
+    }
 }
 
 impl Harness {
+    /// Runs the XDP program; returns the verdict and the packet as it leaves (without any XDP
+    /// metadata the program prepended).
     pub fn xdp(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let (verdict, _meta, packet) = self.xdp_with_meta(frame);
+        (verdict, packet)
+    }
+
+    /// Like `xdp`, also returning the metadata bytes the program put before the packet.
+    pub fn xdp_with_meta(&self, frame: &[u8]) -> (u32, Vec<u8>, Vec<u8>) {
         let prog: &Xdp = self.dp.xdp().unwrap();
         // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
         let ctx: Vec<u8> = [0, frame.len() as u32, 0, self.net.node_ifindex, 0, 0]
             .iter()
             .flat_map(|v| v.to_ne_bytes())
             .collect();
-        self.run(prog, frame, Some(ctx))
+        let (verdict, out, ctx_out) = self.run_ctx(prog, frame, Some(ctx));
+        // The kernel copies out data_meta..data_end and reports in xdp_md.data where the
+        // packet starts.
+        let meta_len = u32::from_ne_bytes(ctx_out[0..4].try_into().unwrap()) as usize;
+        (verdict, out[..meta_len].to_vec(), out[meta_len..].to_vec())
     }
 
     pub fn tc(&self, name: &str, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -127,23 +162,38 @@ impl Harness {
     where
         P: Sync + for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
     {
+        let (verdict, out, _) = self.run_ctx(prog, frame, ctx);
+        (verdict, out)
+    }
+
+    /// Runs `prog` once on `frame`; returns the verdict, the output data and the output context.
+    pub fn run_ctx<P>(
+        &self,
+        prog: &P,
+        frame: &[u8],
+        ctx: Option<Vec<u8>>,
+    ) -> (u32, Vec<u8>, Vec<u8>)
+    where
+        P: Sync + for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+    {
         let mut out = vec![0u8; frame.len() + 512];
+        let mut ctx_out = vec![0u8; ctx.as_ref().map_or(0, Vec::len)];
         let res = self.net.run(|| {
             prog.test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
                 ctx_in: ctx.as_deref(),
+                ctx_out: ctx.as_ref().map(|_| ctx_out.as_mut_slice()),
                 repeat: 1,
                 ..Default::default()
             })
             .expect("BPF_PROG_TEST_RUN")
         });
         out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        (res.return_value, out, ctx_out)
     }
 
     pub fn stats(&self) -> Stats {
         Stats::read_pinned(&self.layout).unwrap()
     }
 }
-

@@ -17,11 +17,11 @@ pub type Mac = [u8; 6];
 /// RFC 1071 Internet checksum of `data` with an initial 32-bit sum.
 pub fn checksum(initial: u32, data: &[u8]) -> u16 {
     let mut sum = initial;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    let (words, rest) = data.as_chunks::<2>();
+    for w in words {
+        sum += u32::from(u16::from_be_bytes(*w));
     }
-    if let [last] = chunks.remainder() {
+    if let [last] = rest {
         sum += u32::from(*last) << 8;
     }
     while sum > 0xffff {
@@ -97,7 +97,11 @@ impl Frame {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        assert_eq!(self.ip_options.len() % 4, 0, "IP options must pad to 4 bytes");
+        assert_eq!(
+            self.ip_options.len() % 4,
+            0,
+            "IP options must pad to 4 bytes"
+        );
         let l4 = self.l4();
         let ihl = 20 + self.ip_options.len();
         let tot_len = ihl + l4.len();
@@ -129,7 +133,11 @@ impl Frame {
                 h[0..2].copy_from_slice(&self.sport.to_be_bytes());
                 h[2..4].copy_from_slice(&self.dport.to_be_bytes());
                 h[4..8].copy_from_slice(&1000u32.to_be_bytes());
-                let ack = if self.tcp_flags & ACK != 0 { 2000u32 } else { 0 };
+                let ack = if self.tcp_flags & ACK != 0 {
+                    2000u32
+                } else {
+                    0
+                };
                 h[8..12].copy_from_slice(&ack.to_be_bytes());
                 h[12] = 5 << 4;
                 h[13] = self.tcp_flags;
@@ -192,7 +200,10 @@ pub fn parse_and_verify(frame: &[u8]) -> Result<Parsed, String> {
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
     if ip.len() < tot_len || tot_len < ihl {
-        return Err(format!("bad lengths: ihl {ihl}, tot_len {tot_len}, have {}", ip.len()));
+        return Err(format!(
+            "bad lengths: ihl {ihl}, tot_len {tot_len}, have {}",
+            ip.len()
+        ));
     }
     if checksum(0, &ip[..ihl]) != 0 {
         return Err("IPv4 header checksum is wrong".into());
@@ -213,7 +224,10 @@ pub fn parse_and_verify(frame: &[u8]) -> Result<Parsed, String> {
     if !(proto == UDP && l4_checksum == 0)
         && checksum(pseudo_header_sum(src, dst, proto, l4.len()), l4) != 0
     {
-        return Err(format!("{} checksum is wrong", if proto == TCP { "TCP" } else { "UDP" }));
+        return Err(format!(
+            "{} checksum is wrong",
+            if proto == TCP { "TCP" } else { "UDP" }
+        ));
     }
     let mac = |o: usize| -> Mac { frame[o..o + 6].try_into().unwrap() };
     Ok(Parsed {
@@ -236,7 +250,10 @@ mod tests {
     #[test]
     fn built_frames_verify_and_known_checksum_matches() {
         // RFC 1071's worked example: the words 0x0001 0xf203 0xf4f5 0xf6f7 sum to 0xddf2.
-        assert_eq!(checksum(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), !0xddf2);
+        assert_eq!(
+            checksum(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            !0xddf2
+        );
         let a = (Ipv4Addr::new(198, 18, 0, 100), 40000);
         let b = (Ipv4Addr::new(198, 18, 0, 2), 30080);
         for f in [Frame::tcp(a, b, SYN), Frame::udp(a, b, b"hello")] {

@@ -410,6 +410,17 @@ impl Lab {
             client,
             _lan: lan,
         };
+        if matches!(ingress, Ingress::Xdp(_)) {
+            // XDP cannot see an skb's checksum state: its incremental updates assume complete
+            // checksums, which is what a physical NIC (native XDP's home) delivers. A veth hands
+            // on CHECKSUM_PARTIAL packets instead, so here every sender computes full checksums,
+            // as a remote host behind a NIC would. TC mode needs none of this (its helpers handle
+            // partial checksums), and the agent chooses TC on veths (docs/ARCHITECTURE.md).
+            lab.client.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
+            for pod in &lab.pods {
+                pod.ns.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
+            }
+        }
         for i in 0..lab.pods.len() {
             let addr = SocketAddrV4::new(lab.pods[i].addr, POD_PORT);
             let (tcp, udp) = lab.pods[i].ns.run(move || {

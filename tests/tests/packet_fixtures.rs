@@ -6,6 +6,9 @@
 use std::net::Ipv4Addr;
 
 use nodeport_common::{Counter, FRONTEND_AFFINITY, program_names};
+
+/// Must equal `nodeport-ebpf/src/xdp.rs`'s JUDGED_MARK ("NPJD").
+const JUDGED_MARK: u32 = 0x4e50_4a44;
 use nodeport_tests::{
     fixture_net::*,
     harness::*,
@@ -18,10 +21,24 @@ fn client_to(port: u16, cport: u16, flags: u8) -> Frame {
 
 fn assert_untouched(h: &Harness, frame: &[u8], counter: Counter) {
     let before = h.stats().get(counter).packets;
-    let (verdict, out) = h.xdp(frame);
+    let (verdict, meta, out) = h.xdp_with_meta(frame);
     assert_eq!(verdict, XDP_PASS, "expected XDP_PASS for {counter:?}");
-    assert_eq!(out, frame, "a packet we do not translate must come out byte-identical");
-    assert_eq!(h.stats().get(counter).packets, before + 1, "{counter:?} not counted");
+    assert_eq!(
+        out, frame,
+        "a packet we do not translate must come out byte-identical"
+    );
+    // Marked as judged (XDP metadata), so the TC ingress program beside XDP lets it through
+    // without a second look or a second count.
+    assert_eq!(
+        meta,
+        JUDGED_MARK.to_ne_bytes(),
+        "judged packets carry the XDP mark"
+    );
+    assert_eq!(
+        h.stats().get(counter).packets,
+        before + 1,
+        "{counter:?} not counted"
+    );
 }
 
 #[test]
@@ -32,7 +49,8 @@ fn remote_backend_is_dnat_and_snat_and_transmitted_back_out() {
     assert_eq!(verdict, XDP_TX);
     // SNAT keeps the client's port (it is in the SNAT range and free); the FIB gives node2's MAC
     // as next hop for the remote pod CIDR; the TTL drops by one like a router's.
-    let mut want = Frame::tcp((NODE, 61234), (REMOTE_POD, 8080), SYN).with_macs(NODE_MAC, NODE2_MAC);
+    let mut want =
+        Frame::tcp((NODE, 61234), (REMOTE_POD, 8080), SYN).with_macs(NODE_MAC, NODE2_MAC);
     want.ttl = 63;
     assert_eq!(out, want.build());
     packet::parse_and_verify(&out).unwrap();
@@ -41,16 +59,19 @@ fn remote_backend_is_dnat_and_snat_and_transmitted_back_out() {
     let est = h.stats().get(Counter::Established).packets;
     let (verdict, out) = h.xdp(&client_to(NP_REMOTE, 61234, ACK).build());
     assert_eq!(verdict, XDP_TX);
-    let mut want_ack = Frame::tcp((NODE, 61234), (REMOTE_POD, 8080), ACK).with_macs(NODE_MAC, NODE2_MAC);
+    let mut want_ack =
+        Frame::tcp((NODE, 61234), (REMOTE_POD, 8080), ACK).with_macs(NODE_MAC, NODE2_MAC);
     want_ack.ttl = 63;
     assert_eq!(out, want_ack.build());
     assert_eq!(h.stats().get(Counter::Established).packets, est + 1);
 
     // The backend's reply, arriving from node2, goes back to the client from nodeIP:nodePort.
-    let reply = Frame::tcp((REMOTE_POD, 8080), (NODE, 61234), SYN | ACK).with_macs(NODE2_MAC, NODE_MAC);
+    let reply =
+        Frame::tcp((REMOTE_POD, 8080), (NODE, 61234), SYN | ACK).with_macs(NODE2_MAC, NODE_MAC);
     let (verdict, out) = h.xdp(&reply.build());
     assert_eq!(verdict, XDP_TX);
-    let mut want = Frame::tcp((NODE, NP_REMOTE), (CLIENT, 61234), SYN | ACK).with_macs(NODE_MAC, CLIENT_MAC);
+    let mut want =
+        Frame::tcp((NODE, NP_REMOTE), (CLIENT, 61234), SYN | ACK).with_macs(NODE_MAC, CLIENT_MAC);
     want.ttl = 63;
     assert_eq!(out, want.build());
     assert_eq!(h.stats().get(Counter::Reply).packets, 1);
@@ -63,10 +84,18 @@ fn client_port_outside_the_snat_range_gets_a_port_from_it() {
     assert_eq!(verdict, XDP_TX);
     let p = packet::parse_and_verify(&out).unwrap();
     assert_eq!((p.src, p.dst, p.dport), (NODE, REMOTE_POD, 8080));
-    assert!((SNAT_MIN..=SNAT_MAX).contains(&p.sport), "SNAT port {} out of range", p.sport);
+    assert!(
+        (SNAT_MIN..=SNAT_MAX).contains(&p.sport),
+        "SNAT port {} out of range",
+        p.sport
+    );
     // Another client using the same port gets a different SNAT port: no collision.
-    let other = Frame::tcp((Ipv4Addr::new(198, 18, 0, 101), 40000), (NODE, NP_REMOTE), SYN)
-        .with_macs(CLIENT_MAC, NODE_MAC);
+    let other = Frame::tcp(
+        (Ipv4Addr::new(198, 18, 0, 101), 40000),
+        (NODE, NP_REMOTE),
+        SYN,
+    )
+    .with_macs(CLIENT_MAC, NODE_MAC);
     let (_, out2) = h.xdp(&other.build());
     let p2 = packet::parse_and_verify(&out2).unwrap();
     assert_ne!(p.sport, p2.sport, "two flows share a SNAT port");
@@ -80,13 +109,19 @@ fn local_backend_is_dnat_only_and_its_reply_is_translated_on_egress() {
     // Handed to the stack, which forwards it to the pod (and decrements the TTL itself).
     assert_eq!(verdict, XDP_PASS);
     let want = Frame::tcp((CLIENT, 45000), (LOCAL_POD, 8080), SYN).with_macs(CLIENT_MAC, NODE_MAC);
-    assert_eq!(out, want.build(), "DNAT only: the pod must see the client's address");
+    assert_eq!(
+        out,
+        want.build(),
+        "DNAT only: the pod must see the client's address"
+    );
 
     // The pod's reply leaves through the node interface: TC egress restores nodeIP:nodePort.
-    let reply = Frame::tcp((LOCAL_POD, 8080), (CLIENT, 45000), SYN | ACK).with_macs(NODE_MAC, CLIENT_MAC);
+    let reply =
+        Frame::tcp((LOCAL_POD, 8080), (CLIENT, 45000), SYN | ACK).with_macs(NODE_MAC, CLIENT_MAC);
     let (verdict, out) = h.tc(program_names::TC_EGRESS, h.net.node_ifindex, &reply.build());
     assert_eq!(verdict, TC_ACT_OK);
-    let want = Frame::tcp((NODE, NP_LOCAL), (CLIENT, 45000), SYN | ACK).with_macs(NODE_MAC, CLIENT_MAC);
+    let want =
+        Frame::tcp((NODE, NP_LOCAL), (CLIENT, 45000), SYN | ACK).with_macs(NODE_MAC, CLIENT_MAC);
     assert_eq!(out, want.build());
 }
 
@@ -97,31 +132,45 @@ fn tc_ingress_translates_like_xdp_and_redirects() {
     let (verdict, out) = h.tc(program_names::TC_INGRESS, h.net.node_ifindex, &syn);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     // bpf_redirect_neigh fills the MACs at transmit time, after the test run returns.
-    let mut want = Frame::tcp((NODE, 61500), (REMOTE_POD, 8080), SYN).with_macs(CLIENT_MAC, NODE_MAC);
+    let mut want =
+        Frame::tcp((NODE, 61500), (REMOTE_POD, 8080), SYN).with_macs(CLIENT_MAC, NODE_MAC);
     want.ttl = 63;
     assert_eq!(out, want.build());
     // No backend: dropped in TC too.
-    let (verdict, _) = h.tc(program_names::TC_INGRESS, h.net.node_ifindex, &client_to(NP_EMPTY, 50000, SYN).build());
+    let (verdict, _) = h.tc(
+        program_names::TC_INGRESS,
+        h.net.node_ifindex,
+        &client_to(NP_EMPTY, 50000, SYN).build(),
+    );
     assert_eq!(verdict, TC_ACT_SHOT);
 }
 
 #[test]
 fn udp_checksums_zero_stays_zero_and_nonzero_stays_valid() {
     let h = harness();
-    let f = Frame::udp((CLIENT, 61999), (NODE, NP_UDP_REMOTE), b"query").with_macs(CLIENT_MAC, NODE_MAC);
+    let f = Frame::udp((CLIENT, 61999), (NODE, NP_UDP_REMOTE), b"query")
+        .with_macs(CLIENT_MAC, NODE_MAC);
     let (verdict, out) = h.xdp(&f.build());
     assert_eq!(verdict, XDP_TX);
-    let mut want = Frame::udp((NODE, 61999), (REMOTE_POD, 5353), b"query").with_macs(NODE_MAC, NODE2_MAC);
+    let mut want =
+        Frame::udp((NODE, 61999), (REMOTE_POD, 5353), b"query").with_macs(NODE_MAC, NODE2_MAC);
     want.ttl = 63;
     assert_eq!(out, want.build());
 
-    let mut z = Frame::udp((CLIENT, 62000), (NODE, NP_UDP_REMOTE), b"query").with_macs(CLIENT_MAC, NODE_MAC);
+    let mut z = Frame::udp((CLIENT, 62000), (NODE, NP_UDP_REMOTE), b"query")
+        .with_macs(CLIENT_MAC, NODE_MAC);
     z.udp_zero_checksum = true;
     let (verdict, out) = h.xdp(&z.build());
     assert_eq!(verdict, XDP_TX);
     let p = packet::parse_and_verify(&out).unwrap();
-    assert_eq!(p.l4_checksum, 0, "a zero UDP checksum means none and must stay zero");
-    assert_eq!((p.src, p.sport, p.dst, p.dport), (NODE, 62000, REMOTE_POD, 5353));
+    assert_eq!(
+        p.l4_checksum, 0,
+        "a zero UDP checksum means none and must stay zero"
+    );
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (NODE, 62000, REMOTE_POD, 5353)
+    );
 }
 
 #[test]
@@ -132,7 +181,8 @@ fn ip_options_are_kept_and_skipped_correctly() {
     f.ip_options = vec![1, 1, 0, 0];
     let (verdict, out) = h.xdp(&f.build());
     assert_eq!(verdict, XDP_TX);
-    let mut want = Frame::tcp((NODE, 61700), (REMOTE_POD, 8080), SYN).with_macs(NODE_MAC, NODE2_MAC);
+    let mut want =
+        Frame::tcp((NODE, 61700), (REMOTE_POD, 8080), SYN).with_macs(NODE_MAC, NODE2_MAC);
     want.ttl = 63;
     want.ip_options = vec![1, 1, 0, 0];
     assert_eq!(out, want.build());
@@ -158,15 +208,31 @@ fn client_ip_affinity_keeps_a_client_on_one_backend() {
         assert_eq!(verdict, XDP_TX);
         seen.insert(packet::parse_and_verify(&out).unwrap().dst);
     }
-    assert_eq!(seen.len(), 1, "ClientIP affinity sent one client to {seen:?}");
+    assert_eq!(
+        seen.len(),
+        1,
+        "ClientIP affinity sent one client to {seen:?}"
+    );
     // Without affinity the same 30 flows would spread; with it another client may land anywhere,
     // but stays put too.
     let other = |cport| {
-        Frame::tcp((Ipv4Addr::new(198, 18, 0, 101), cport), (NODE, NP_AFFINITY), SYN).with_macs(CLIENT_MAC, NODE_MAC)
+        Frame::tcp(
+            (Ipv4Addr::new(198, 18, 0, 101), cport),
+            (NODE, NP_AFFINITY),
+            SYN,
+        )
+        .with_macs(CLIENT_MAC, NODE_MAC)
     };
-    let first = packet::parse_and_verify(&h.xdp(&other(50200).build()).1).unwrap().dst;
+    let first = packet::parse_and_verify(&h.xdp(&other(50200).build()).1)
+        .unwrap()
+        .dst;
     for cport in 50201..50210 {
-        assert_eq!(packet::parse_and_verify(&h.xdp(&other(cport).build()).1).unwrap().dst, first);
+        assert_eq!(
+            packet::parse_and_verify(&h.xdp(&other(cport).build()).1)
+                .unwrap()
+                .dst,
+            first
+        );
     }
 }
 
@@ -176,7 +242,9 @@ fn removed_backend_moves_the_flow_to_a_new_backend() {
     let (_, out) = h.xdp(&client_to(NP_AFFINITY, 61800, SYN).build());
     let first = packet::parse_and_verify(&out).unwrap().dst;
     let (gone, stays) = if first == REMOTE_POD { (1, 4) } else { (4, 1) };
-    h.tables.put_service(&svc(NP_AFFINITY, TCP, 6, FRONTEND_AFFINITY, vec![stays])).unwrap();
+    h.tables
+        .put_service(&svc(NP_AFFINITY, TCP, 6, FRONTEND_AFFINITY, vec![stays]))
+        .unwrap();
     h.tables.purge_affinity(6, &[stays]).unwrap();
     h.tables.remove_backend(gone).unwrap();
     let (verdict, out) = h.xdp(&client_to(NP_AFFINITY, 61800, ACK).build());
@@ -191,7 +259,8 @@ fn closed_connection_and_port_reuse_reopen_the_flow() {
     for flags in [SYN, ACK, FIN | ACK] {
         assert_eq!(h.xdp(&client_to(NP_REMOTE, 61900, flags).build()).0, XDP_TX);
     }
-    let reply = Frame::tcp((REMOTE_POD, 8080), (NODE, 61900), FIN | ACK).with_macs(NODE2_MAC, NODE_MAC);
+    let reply =
+        Frame::tcp((REMOTE_POD, 8080), (NODE, 61900), FIN | ACK).with_macs(NODE2_MAC, NODE_MAC);
     assert_eq!(h.xdp(&reply.build()).0, XDP_TX);
     // A new SYN on the same tuple (client port reuse) is still served.
     assert_eq!(h.xdp(&client_to(NP_REMOTE, 61900, SYN).build()).0, XDP_TX);
@@ -207,9 +276,17 @@ fn traffic_that_is_not_nodeport_passes_untouched() {
     arp.extend_from_slice(&[0u8; 28]);
     assert_untouched(&h, &arp, Counter::PassNotIpv4);
     // An ssh-like port on the node address.
-    assert_untouched(&h, &client_to(22, 50000, SYN).build(), Counter::PassNotNodePort);
+    assert_untouched(
+        &h,
+        &client_to(22, 50000, SYN).build(),
+        Counter::PassNotNodePort,
+    );
     // A nodePort on an address that is not a NodePort address.
-    let other = Frame::tcp((CLIENT, 50000), (Ipv4Addr::new(198, 18, 0, 77), NP_REMOTE), SYN);
+    let other = Frame::tcp(
+        (CLIENT, 50000),
+        (Ipv4Addr::new(198, 18, 0, 77), NP_REMOTE),
+        SYN,
+    );
     assert_untouched(&h, &other.build(), Counter::PassNotNodePort);
     // ICMP echo to the node.
     let mut icmp = client_to(NP_REMOTE, 0, 0);
@@ -263,13 +340,19 @@ fn expired_flows_are_swept_with_their_reverse_entries_and_services_counted() {
     assert_eq!(h.xdp(&client_to(NP_LOCAL, 45990, SYN).build()).0, XDP_PASS);
     assert_eq!(h.tables.conntrack().unwrap().len(), 2);
     assert_eq!(h.tables.rev_nat().unwrap().len(), 2);
-    let swept = h.tables.sweep_expired(nodeport_agent::tables::monotonic_ns()).unwrap();
+    let swept = h
+        .tables
+        .sweep_expired(nodeport_agent::tables::monotonic_ns())
+        .unwrap();
     assert_eq!(swept, 2);
     assert!(h.tables.conntrack().unwrap().is_empty());
     assert!(h.tables.rev_nat().unwrap().is_empty());
     // Per-service counters saw one packet each, with its bytes.
     let t = h.tables.service_traffic(1).unwrap();
     assert_eq!(t.packets, 1);
-    assert_eq!(t.bytes, client_to(NP_REMOTE, 61990, SYN).build().len() as u64);
+    assert_eq!(
+        t.bytes,
+        client_to(NP_REMOTE, 61990, SYN).build().len() as u64
+    );
     assert_eq!(h.tables.service_traffic(2).unwrap().packets, 1);
 }

@@ -23,18 +23,32 @@ const NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 /// Runs the XDP program once on `frame`; asserts XDP_PASS and an unchanged frame.
 fn assert_passes_unchanged(dataplane: &Dataplane, what: &str, frame: &[u8]) {
     let mut out = vec![0u8; frame.len() + 256];
+    // struct xdp_md in and out: the kernel reports in `data` where the packet starts after any
+    // metadata the program prepended (np_xdp marks packets it judged).
+    let ctx_in: Vec<u8> = [0, frame.len() as u32, 0, 0, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    let mut ctx_out = vec![0u8; ctx_in.len()];
     let result = dataplane
         .xdp()
         .expect("np_xdp")
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
             ..TestRunOptions::default()
         })
         .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {what}: {e}"));
     assert_eq!(result.return_value, XDP_PASS, "{what}: not XDP_PASS");
+    let meta = u32::from_ne_bytes(ctx_out[0..4].try_into().unwrap()) as usize;
     let n = result.data_size_out as usize;
-    assert_eq!(&out[..n], frame, "{what}: the program changed the frame");
+    assert_eq!(
+        &out[meta..n],
+        frame,
+        "{what}: the program changed the frame"
+    );
 }
 
 fn udp_to(dst: Ipv4Addr) -> Vec<u8> {

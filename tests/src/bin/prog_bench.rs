@@ -49,7 +49,12 @@ enum Prog {
 /// every run returned `want`, so a figure is never reported for a path the packet did not take.
 fn measure(h: &Harness, frames: &[Vec<u8>], runs_each: u32, prog: Prog, want: u32) -> f64 {
     let (total, n, bad) = h.net.run(|| {
-        let tc: &SchedClassifier = h.dp.ebpf().program(program_names::TC_INGRESS).unwrap().try_into().unwrap();
+        let tc: &SchedClassifier =
+            h.dp.ebpf()
+                .program(program_names::TC_INGRESS)
+                .unwrap()
+                .try_into()
+                .unwrap();
         let xdp = h.dp.xdp().unwrap();
         let mut ctx_tc = vec![0u8; 192];
         ctx_tc[40..44].copy_from_slice(&h.net.node_ifindex.to_ne_bytes());
@@ -84,7 +89,11 @@ fn measure(h: &Harness, frames: &[Vec<u8>], runs_each: u32, prog: Prog, want: u3
     });
     if let Some(verdict) = bad {
         let stats = h.stats();
-        let nonzero: Vec<_> = stats.iter().filter(|(_, t)| t.packets > 0).map(|(c, t)| (c.name(), t.packets)).collect();
+        let nonzero: Vec<_> = stats
+            .iter()
+            .filter(|(_, t)| t.packets > 0)
+            .map(|(c, t)| (c.name(), t.packets))
+            .collect();
         panic!("verdict {verdict}, expected {want}: not the intended path; counters {nonzero:?}");
     }
     total.as_nanos() as f64 / n as f64
@@ -103,7 +112,9 @@ fn seed_extra_services(h: &mut Harness, count: u32) {
             ids.push(id);
             next_backend += 1;
         }
-        h.tables.put_service(&svc(EXTRA_BASE + i as u16, TCP, 100 + i, 0, ids)).unwrap();
+        h.tables
+            .put_service(&svc(EXTRA_BASE + i as u16, TCP, 100 + i, 0, ids))
+            .unwrap();
     }
 }
 
@@ -114,7 +125,11 @@ fn main() {
         "BPF_PROG_TEST_RUN per-packet cost, mean ns per run ({} single runs per figure; first packet over {} flows)",
         args.runs, args.flows
     );
-    let header: Vec<String> = args.services.iter().map(|s| format!("{:>10} svc", s)).collect();
+    let header: Vec<String> = args
+        .services
+        .iter()
+        .map(|s| format!("{:>10} svc", s))
+        .collect();
     println!("{:<46} {}", "path", header.join(" "));
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     let mut push = |name: &str, v: f64| match rows.iter_mut().find(|(n, _)| n == name) {
@@ -124,34 +139,76 @@ fn main() {
     for &services in &args.services {
         let mut h = harness();
         seed_extra_services(&mut h, services);
-        let to_node = |port, cport, flags| Frame::tcp((CLIENT, cport), (NODE, port), flags).with_macs(CLIENT_MAC, NODE_MAC);
+        let to_node = |port, cport, flags| {
+            Frame::tcp((CLIENT, cport), (NODE, port), flags).with_macs(CLIENT_MAC, NODE_MAC)
+        };
         let runs = args.runs;
-        let other_addr = Frame::udp((CLIENT, 5000), (Ipv4Addr::new(198, 18, 0, 77), 53), b"x").build();
+        let other_addr =
+            Frame::udp((CLIENT, 5000), (Ipv4Addr::new(198, 18, 0, 77), 53), b"x").build();
         push("floor: XDP_PASS of a non-IPv4 frame", {
             let mut arp = vec![0xffu8; 12];
             arp.extend_from_slice(&[0x08, 0x06]);
             arp.extend_from_slice(&[0u8; 28]);
             measure(&h, &[arp], runs, Prog::Xdp, XDP_PASS)
         });
-        push("XDP not NodePort (other destination)", measure(&h, &[other_addr], runs, Prog::Xdp, XDP_PASS));
-        push("XDP not NodePort (node address, port 22)", measure(&h, &[to_node(22, 5000, SYN).build()], runs, Prog::Xdp, XDP_PASS));
+        push(
+            "XDP not NodePort (other destination)",
+            measure(&h, &[other_addr], runs, Prog::Xdp, XDP_PASS),
+        );
+        push(
+            "XDP not NodePort (node address, port 22)",
+            measure(
+                &h,
+                &[to_node(22, 5000, SYN).build()],
+                runs,
+                Prog::Xdp,
+                XDP_PASS,
+            ),
+        );
         let flows: Vec<Vec<u8>> = (0..args.flows)
             .map(|i| {
                 let client = Ipv4Addr::new(198, 18, 1 + (i / 250) as u8, (i % 250) as u8 + 1);
-                Frame::tcp((client, SNAT_MIN + i as u16), (NODE, NP_REMOTE), SYN).with_macs(CLIENT_MAC, NODE_MAC).build()
+                Frame::tcp((client, SNAT_MIN + i as u16), (NODE, NP_REMOTE), SYN)
+                    .with_macs(CLIENT_MAC, NODE_MAC)
+                    .build()
             })
             .collect();
-        push("XDP first packet (new flow, SNAT)", measure(&h, &flows, 1, Prog::Xdp, XDP_TX));
+        push(
+            "XDP first packet (new flow, SNAT)",
+            measure(&h, &flows, 1, Prog::Xdp, XDP_TX),
+        );
         // The measured flow's port is above the first-packet flows' ports (61000 + i), so it keeps
         // it as its SNAT port and the reply below belongs to it.
-        measure(&h, &[to_node(NP_REMOTE, MEASURED_PORT, SYN).build()], 1, Prog::Xdp, XDP_TX);
+        measure(
+            &h,
+            &[to_node(NP_REMOTE, MEASURED_PORT, SYN).build()],
+            1,
+            Prog::Xdp,
+            XDP_TX,
+        );
         let ack = to_node(NP_REMOTE, MEASURED_PORT, ACK).build();
-        push("XDP established (SNAT, remote backend)", measure(&h, &[ack.clone()], runs, Prog::Xdp, XDP_TX));
-        let reply = Frame::tcp((REMOTE_POD, 8080), (NODE, MEASURED_PORT), ACK).with_macs(NODE2_MAC, NODE_MAC).build();
-        push("XDP reply (reverse SNAT)", measure(&h, &[reply], runs, Prog::Xdp, XDP_TX));
-        let udp = Frame::udp((CLIENT, 61300), (NODE, NP_UDP_REMOTE), b"query").with_macs(CLIENT_MAC, NODE_MAC).build();
-        push("XDP established UDP", measure(&h, &[udp], runs, Prog::Xdp, XDP_TX));
-        push("TC ingress established (SNAT)", measure(&h, &[ack], runs, Prog::TcIngress, TC_ACT_REDIRECT));
+        push(
+            "XDP established (SNAT, remote backend)",
+            measure(&h, std::slice::from_ref(&ack), runs, Prog::Xdp, XDP_TX),
+        );
+        let reply = Frame::tcp((REMOTE_POD, 8080), (NODE, MEASURED_PORT), ACK)
+            .with_macs(NODE2_MAC, NODE_MAC)
+            .build();
+        push(
+            "XDP reply (reverse SNAT)",
+            measure(&h, &[reply], runs, Prog::Xdp, XDP_TX),
+        );
+        let udp = Frame::udp((CLIENT, 61300), (NODE, NP_UDP_REMOTE), b"query")
+            .with_macs(CLIENT_MAC, NODE_MAC)
+            .build();
+        push(
+            "XDP established UDP",
+            measure(&h, &[udp], runs, Prog::Xdp, XDP_TX),
+        );
+        push(
+            "TC ingress established (SNAT)",
+            measure(&h, &[ack], runs, Prog::TcIngress, TC_ACT_REDIRECT),
+        );
     }
     for (name, vs) in rows {
         let cols: Vec<String> = vs.iter().map(|v| format!("{v:>14.1}")).collect();
