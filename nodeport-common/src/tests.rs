@@ -38,7 +38,10 @@ fn map_types_have_fixed_layouts_without_padding() {
 fn map_names_fit_the_kernel_limit_and_are_unique() {
     for (i, name) in map_names::ALL.iter().enumerate() {
         assert!(name.len() <= 15, "map name {name} longer than 15 bytes");
-        assert!(!map_names::ALL[..i].contains(name), "duplicate map name {name}");
+        assert!(
+            !map_names::ALL[..i].contains(name),
+            "duplicate map name {name}"
+        );
     }
     for name in [
         program_names::XDP_INGRESS,
@@ -57,5 +60,10 @@ fn counters_are_dense_and_named_uniquely() {
     }
     assert!(Counter::DropNoBackend.is_drop());
     assert!(!Counter::Reply.is_drop());
-    assert!(Counter::ALL.iter().filter(|c| c.is_drop()).all(|c| c.name().starts_with("drop_")));
+    assert!(
+        Counter::ALL
+            .iter()
+            .filter(|c| c.is_drop())
+            .all(|c| c.name().starts_with("drop_"))
+    );
 }
