@@ -18,6 +18,12 @@ APT_PACKAGES=(iproute2 bpftool iptables nftables curl ethtool tcpdump socat iper
 
 say() { printf '[setup] %s\n' "$*"; }
 
+# `cmd | grep -q` is wrong under pipefail: grep -q exits at the first match, cmd may then die of
+# SIGPIPE, and the pipeline "fails" although it matched (the likely cause of one spurious
+# bpf-linker rebuild; on `mount` it could stack a second bpffs over the pins). has PATTERN reads
+# all of its input instead.
+has() { grep -e "$1" >/dev/null; }
+
 export PATH="$HOME/.cargo/bin:$PATH"
 
 if ! command -v rustup >/dev/null 2>&1; then
@@ -27,18 +33,18 @@ fi
 
 # 1. Pinned toolchains, installed explicitly (RUSTUP_AUTO_INSTALL may be 0).
 installed_toolchains=$(rustup toolchain list)
-if ! grep -q "^$STABLE" <<<"$installed_toolchains"; then
+if ! has "^$STABLE" <<<"$installed_toolchains"; then
   say "installing Rust $STABLE (clippy, rustfmt)"
   rustup toolchain install "$STABLE" --profile minimal -c clippy -c rustfmt
 fi
-if ! grep -q "^$NIGHTLY" <<<"$installed_toolchains"; then
+if ! has "^$NIGHTLY" <<<"$installed_toolchains"; then
   say "installing Rust $NIGHTLY (rust-src, clippy, rustfmt)"
   rustup toolchain install "$NIGHTLY" --profile minimal -c rust-src -c clippy -c rustfmt
 fi
 # Components may be missing on a toolchain someone else installed.
 for spec in "$STABLE:clippy" "$STABLE:rustfmt" "$NIGHTLY:rust-src" "$NIGHTLY:clippy" "$NIGHTLY:rustfmt"; do
   tc=${spec%%:*} comp=${spec##*:}
-  if ! rustup component list --toolchain "$tc" --installed 2>/dev/null | grep -q "^$comp"; then
+  if ! rustup component list --toolchain "$tc" --installed 2>/dev/null | has "^$comp"; then
     say "adding component $comp to $tc"
     rustup component add --toolchain "$tc" "$comp"
   fi
@@ -48,8 +54,8 @@ done
 NL="$(rustc +"$NIGHTLY" --print sysroot)/lib"
 linker_ok() {
   command -v bpf-linker >/dev/null 2>&1 &&
-    bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION" &&
-    ldd "$(command -v bpf-linker)" 2>/dev/null | grep -q "$NL"
+    bpf-linker --version 2>/dev/null | has "$BPF_LINKER_VERSION" &&
+    ldd "$(command -v bpf-linker)" 2>/dev/null | has "$NL"
 }
 if ! linker_ok; then
   say "building bpf-linker $BPF_LINKER_VERSION against $NIGHTLY's libLLVM (about a minute)"
@@ -64,7 +70,7 @@ fi
 # 3. Debian packages the tests and tools use.
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | has "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
   say "installing Debian packages: ${missing[*]}"
@@ -74,7 +80,7 @@ if ((${#missing[@]})); then
 fi
 
 # 4. bpffs, where the agent and `cargo xtask load` pin programs and maps.
-if ! mount | grep -q ' on /sys/fs/bpf type bpf'; then
+if ! mount | has ' on /sys/fs/bpf type bpf'; then
   say "mounting bpffs on /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf
 fi
