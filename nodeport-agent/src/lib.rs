@@ -7,6 +7,7 @@ pub mod attach;
 pub mod error;
 mod link;
 pub mod loader;
+pub mod model;
 pub mod pin;
 pub mod stats;
 pub mod tables;
