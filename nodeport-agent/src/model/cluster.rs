@@ -63,6 +63,8 @@ impl fmt::Display for Kind {
 }
 
 /// One watched object.
+// Objects are moved once from a source into the state; boxing them would only add allocations.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resource {
     Service(Service),
