@@ -5,8 +5,11 @@
 //! in place (`bpf_link_update`, no moment without a program) instead of stacking a second copy.
 //! The pin name records the kind of attachment, which is what `unload` needs to undo it.
 //!
-//! Per interface there are three slots: the ingress hook (XDP, in one mode, or TC ingress: never
-//! both, or packets would be translated twice), and TC egress.
+//! Per interface there are up to three attachments: XDP (in one mode) and TC ingress, or TC
+//! ingress alone; and TC egress. With XDP, TC ingress stays beside it as the fallback for
+//! source-NATed packets whose next hop XDP cannot resolve (it hands them up untranslated); XDP
+//! marks every packet it judged in XDP metadata, and TC lets those through untouched, so nothing
+//! is translated or counted twice.
 
 use std::{ffi::CString, io, path::Path};
 
@@ -115,8 +118,13 @@ pub enum TcBackend {
 /// The hook that runs the ingress program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ingress {
+    /// XDP in this mode, with TC ingress beside it as the fallback.
     Xdp(XdpAttachMode),
+    /// TC ingress only.
     Tc,
+    /// Chosen per interface by its driver (`iface::ingress_for_driver`): TC on veths, native XDP
+    /// elsewhere, TC if the driver refuses native XDP.
+    Auto,
 }
 
 /// What to attach to one interface.
@@ -168,16 +176,23 @@ impl Dataplane {
         plan: &AttachPlan,
     ) -> Result<Vec<Attached>, Error> {
         let mut done = Vec::new();
-        match plan.ingress {
-            Ingress::Xdp(mode) => {
-                detach_tc(self.layout(), iface, TcDirection::Ingress)?;
-                done.push(self.attach_xdp(iface, mode)?);
-            }
-            Ingress::Tc => {
-                detach_xdp(self.layout(), iface)?;
-                done.push(self.attach_tc(iface, TcDirection::Ingress, plan.tc_backend)?);
-            }
+        let ingress = match plan.ingress {
+            Ingress::Auto => crate::iface::driver(iface)
+                .map(|d| crate::iface::ingress_for_driver(&d))
+                // No ethtool driver info (some virtual devices): TC works everywhere.
+                .unwrap_or(Ingress::Tc),
+            other => other,
+        };
+        match ingress {
+            Ingress::Xdp(mode) => match self.attach_xdp(iface, mode) {
+                Ok(attached) => done.push(attached),
+                // The driver refuses native XDP: TC alone does the whole job.
+                Err(_) if plan.ingress == Ingress::Auto => detach_xdp(self.layout(), iface)?,
+                Err(e) => return Err(e),
+            },
+            Ingress::Tc | Ingress::Auto => detach_xdp(self.layout(), iface)?,
         }
+        done.push(self.attach_tc(iface, TcDirection::Ingress, plan.tc_backend)?);
         if plan.egress {
             done.push(self.attach_tc(iface, TcDirection::Egress, plan.tc_backend)?);
         } else {

@@ -5,6 +5,7 @@
 
 pub mod attach;
 pub mod error;
+pub mod iface;
 mod link;
 pub mod loader;
 pub mod model;

@@ -26,7 +26,11 @@ struct PinArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum IngressHook {
+    /// By driver: TC on veths (kind), native XDP on NICs, TC if the driver refuses XDP.
+    Auto,
+    /// XDP (in --xdp-mode), with TC ingress beside it as the fallback.
     Xdp,
+    /// TC ingress only.
     Tc,
 }
 
@@ -41,8 +45,8 @@ enum Command {
         /// XDP mode: native (driver) or generic (skb).
         #[arg(long, value_enum, default_value_t = XdpAttachMode::Native)]
         xdp_mode: XdpAttachMode,
-        /// Hook for the ingress program: XDP, or TC where XDP cannot forward.
-        #[arg(long, value_enum, default_value_t = IngressHook::Xdp)]
+        /// Hook for the ingress program.
+        #[arg(long, value_enum, default_value_t = IngressHook::Auto)]
         ingress: IngressHook,
         /// Do not attach np_tc_egress (reverse translation for local backends).
         #[arg(long)]
@@ -81,6 +85,7 @@ fn main() -> anyhow::Result<()> {
             let layout = PinLayout::new(pin.pin_root);
             let plan = AttachPlan {
                 ingress: match ingress {
+                    IngressHook::Auto => Ingress::Auto,
                     IngressHook::Xdp => Ingress::Xdp(xdp_mode),
                     IngressHook::Tc => Ingress::Tc,
                 },
@@ -133,7 +138,7 @@ mod tests {
     }
 
     #[test]
-    fn load_defaults_to_native_xdp_with_egress() {
+    fn load_defaults_to_auto_ingress_with_egress() {
         let cli = Cli::try_parse_from(["nodeport-agent", "load", "--iface", "eth0"]).unwrap();
         let Command::Load {
             iface,
@@ -148,7 +153,7 @@ mod tests {
         };
         assert_eq!(iface, ["eth0"]);
         assert_eq!(xdp_mode, XdpAttachMode::Native);
-        assert_eq!(ingress, IngressHook::Xdp);
+        assert_eq!(ingress, IngressHook::Auto);
         assert!(!no_egress);
         assert_eq!(tc_backend, TcBackend::Auto);
         assert_eq!(pin.pin_root, PathBuf::from(DEFAULT_PIN_ROOT));

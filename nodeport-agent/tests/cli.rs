@@ -60,14 +60,37 @@ fn load_stats_unload_through_the_binary() {
         run("nsenter", &all)
     };
 
+    // Default ingress is auto: a veth gets TC (XDP_TX on a veth needs an XDP program on its
+    // peer, which the agent cannot count on).
     let loaded = in_ns(&["load", "--iface", "cli0", "--pin-root", &root]);
+    let text = String::from_utf8_lossy(&loaded.stdout);
+    assert!(
+        text.contains("np_tc_ingress on cli0 (tcx-ingress): attached"),
+        "{text}"
+    );
+    assert!(!text.contains("np_xdp"), "{text}");
+    // Explicit XDP: native XDP, with TC ingress kept beside it as the fallback.
+    let loaded = in_ns(&[
+        "load",
+        "--iface",
+        "cli0",
+        "--ingress",
+        "xdp",
+        "--pin-root",
+        &root,
+    ]);
     let text = String::from_utf8_lossy(&loaded.stdout);
     assert!(
         text.contains("np_xdp on cli0 (xdp-native): attached"),
         "{text}"
     );
+    // The second load updates the pinned TC links in place (no moment without a program).
     assert!(
-        text.contains("np_tc_egress on cli0 (tcx-egress): attached"),
+        text.contains("np_tc_ingress on cli0 (tcx-ingress): replaced in place"),
+        "{text}"
+    );
+    assert!(
+        text.contains("np_tc_egress on cli0 (tcx-egress): replaced in place"),
         "{text}"
     );
 

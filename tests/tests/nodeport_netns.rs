@@ -34,7 +34,7 @@ use std::{
 };
 
 use nodeport_agent::{
-    AttachPlan, Dataplane, Ingress, PinLayout, Stats, TcBackend, TcDirection, XdpAttachMode,
+    AttachPlan, Dataplane, Ingress, PinLayout, Stats, TcBackend, XdpAttachMode,
     tables::{BackendEntry, ServiceEntry, ServiceTables},
 };
 use nodeport_common::{
@@ -443,13 +443,6 @@ impl Lab {
                 };
                 dp.attach_interface("eth0", &plan)
                     .expect("attaching to eth0");
-                if matches!(ingress, Ingress::Xdp(_)) {
-                    // The XDP program hands source-NATed packets whose next hop it cannot resolve
-                    // up untranslated, to the TC ingress program beside it (see xdp.rs), but
-                    // attach_interface detaches TC ingress in XDP mode: attach it explicitly.
-                    dp.attach_tc("eth0", TcDirection::Ingress, TcBackend::Auto)
-                        .expect("attaching TC ingress beside XDP");
-                }
                 let mut t = ServiceTables::open(&layout.dir()).expect("opening the maps");
                 t.set_config(&CONFIG).expect("config");
             });

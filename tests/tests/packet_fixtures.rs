@@ -356,3 +356,21 @@ fn expired_flows_are_swept_with_their_reverse_entries_and_services_counted() {
     );
     assert_eq!(h.tables.service_traffic(2).unwrap().packets, 1);
 }
+
+#[test]
+fn etp_local_with_a_local_backend_is_dnat_only() {
+    let mut h = harness();
+    h.tables
+        .put_service(&svc(
+            NP_ETP_LOCAL_EMPTY,
+            TCP,
+            5,
+            nodeport_common::FRONTEND_ETP_LOCAL,
+            vec![2],
+        ))
+        .unwrap();
+    let (verdict, out) = h.xdp(&client_to(NP_ETP_LOCAL_EMPTY, 45500, SYN).build());
+    assert_eq!(verdict, XDP_PASS);
+    let want = Frame::tcp((CLIENT, 45500), (LOCAL_POD, 8080), SYN).with_macs(CLIENT_MAC, NODE_MAC);
+    assert_eq!(out, want.build(), "eTP Local keeps the client's address");
+}
