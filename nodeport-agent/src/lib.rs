@@ -11,6 +11,7 @@ pub mod loader;
 pub mod model;
 pub mod pin;
 pub mod stats;
+pub mod sync;
 pub mod tables;
 
 pub use attach::{AttachPlan, Attached, Ingress, TcBackend, TcDirection, XdpAttachMode, unload};
