@@ -6,6 +6,7 @@
 pub mod attach;
 pub mod error;
 pub mod iface;
+pub mod inspect;
 mod link;
 pub mod loader;
 pub mod model;

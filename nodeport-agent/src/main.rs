@@ -70,6 +70,59 @@ enum Command {
         #[command(flatten)]
         pin: PinArgs,
     },
+    /// Print a decoded table from the pinned maps.
+    List {
+        #[arg(value_enum)]
+        what: ListWhat,
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// Node addresses, SNAT ports, map fill and counters.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ListWhat {
+    Services,
+    Backends,
+    Conntrack,
+    Addresses,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn open_tables(pin: PinArgs) -> anyhow::Result<(PinLayout, nodeport_agent::tables::ServiceTables)> {
+    let layout = PinLayout::new(pin.pin_root);
+    let tables = nodeport_agent::tables::ServiceTables::open(&layout.dir()).with_context(|| {
+        format!(
+            "opening the maps pinned under {} (is the dataplane loaded?)",
+            layout.dir().display()
+        )
+    })?;
+    Ok((layout, tables))
+}
+
+fn print_out<T: serde::Serialize>(
+    output: Output,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Text => print!("{}", text(value)),
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -115,6 +168,38 @@ fn main() -> anyhow::Result<()> {
             if done.dirs.is_empty() {
                 println!("nothing pinned under {}", layout.root().display());
             }
+        }
+        Command::List { what, output, pin } => {
+            use nodeport_agent::inspect;
+            let (_, t) = open_tables(pin)?;
+            match what {
+                ListWhat::Services => print_out(output, &inspect::services(&t)?, |r| {
+                    inspect::render_services(r)
+                })?,
+                ListWhat::Backends => print_out(output, &inspect::backends(&t)?, |r| {
+                    inspect::render_backends(r)
+                })?,
+                ListWhat::Conntrack => print_out(output, &inspect::conntrack(&t)?, |r| {
+                    inspect::render_conntrack(r)
+                })?,
+                ListWhat::Addresses => {
+                    let addrs: Vec<String> =
+                        t.node_addrs()?.iter().map(ToString::to_string).collect();
+                    print_out(output, &addrs, |a| {
+                        a.iter().map(|x| format!("{x}\n")).collect()
+                    })?
+                }
+            }
+        }
+        Command::Status { output, pin } => {
+            use nodeport_agent::inspect;
+            let (layout, t) = open_tables(pin)?;
+            let counters = Stats::read_pinned(&layout)?;
+            print_out(
+                output,
+                &inspect::status(&t, &counters)?,
+                inspect::render_status,
+            )?;
         }
         Command::Stats { pin } => {
             let layout = PinLayout::new(pin.pin_root);

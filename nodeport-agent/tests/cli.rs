@@ -94,6 +94,23 @@ fn load_stats_unload_through_the_binary() {
         "{text}"
     );
 
+    // The decoded views work on the pinned maps (empty here) in text and JSON.
+    let listed = run(
+        AGENT,
+        &["list", "services", "-o", "json", "--pin-root", &root],
+    );
+    let services: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    assert_eq!(services, serde_json::json!([]));
+    let status = run(AGENT, &["status", "--pin-root", &root]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("np_ct4") && status.contains("drop_no_backend"),
+        "{status}"
+    );
+    let status = run(AGENT, &["status", "-o", "json", "--pin-root", &root]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("JSON");
+    assert_eq!(status["maps"].as_array().map(Vec::len), Some(4));
+
     let stats = run(AGENT, &["stats", "--pin-root", &root]);
     let stats = String::from_utf8_lossy(&stats.stdout);
     for counter in Counter::ALL {
