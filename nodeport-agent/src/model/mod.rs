@@ -6,3 +6,5 @@
 pub mod cluster;
 
 pub use cluster::{ClusterState, Kind, ObjKey, Resource, SourceEvent};
+pub mod desired;
+pub mod validate;
