@@ -5,10 +5,12 @@
 
 pub mod attach;
 pub mod error;
+pub mod http;
 pub mod iface;
 pub mod inspect;
 mod link;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod pin;
 pub mod stats;
