@@ -1,0 +1,404 @@
+//! The manifests source: Services, EndpointSlices and Nodes read from Kubernetes YAML (or JSON)
+//! files in a directory, for running without a cluster (the lab, tests, a standalone node load
+//! balancer). It feeds the same [`SourceEvent`]s as the Kubernetes watchers.
+//!
+//! [`load_dir`] reads every `*.yaml`, `*.yml` and `*.json` file directly in the directory (not in
+//! subdirectories; names starting with `.` are skipped, which also skips the `..data` machinery of
+//! a mounted ConfigMap while following its symlinked files), in file-name order. Files hold one or
+//! more documents separated by `---` lines; each document is a `v1` Service, a
+//! `discovery.k8s.io/v1` EndpointSlice, a `v1` Node, or a `List` (`kind: List`, or `ServiceList`
+//! and the like as the API returns them) of those. Other kinds are ignored with a log line. A
+//! document that does not parse is reported as a [`Problem`] and skipped; the rest of the file
+//! still loads. Namespaced objects without a namespace go to `default`, as with `kubectl apply`.
+//! When the same object appears twice, the later one (by file name, then position) wins and the
+//! duplicate is reported.
+//!
+//! [`run`] sends a Snapshot of each of the three kinds at start (empty ones too: that is how the
+//! pipeline learns this source is synced), then polls the directory and sends all three again
+//! whenever anything changed.
+
+use std::{
+    collections::BTreeMap,
+    fmt, fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::model::{Kind, ObjKey, Resource, SourceEvent};
+
+/// How often [`run`] looks at the directory unless told otherwise.
+pub const DEFAULT_POLL: Duration = Duration::from_millis(500);
+
+/// Something in the directory that could not be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The file (or, when the directory itself cannot be read, the directory).
+    pub file: PathBuf,
+    /// Which document of the file, counting from 1; `None` for the whole file.
+    pub document: Option<usize>,
+    /// The line of the file where that document starts (1-based; 0 for the whole file). Line
+    /// numbers inside `error` are the file's too.
+    pub line: usize,
+    pub error: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.document {
+            Some(n) => write!(
+                f,
+                "{}, document {n} (from line {}): {}",
+                self.file.display(),
+                self.line,
+                self.error
+            ),
+            None => write!(f, "{}: {}", self.file.display(), self.error),
+        }
+    }
+}
+
+/// Reads every manifest file in `dir` (see the module documentation): the objects found, and what
+/// could not be used. An unreadable directory is one problem and no objects.
+pub fn load_dir(dir: &Path) -> (Vec<Resource>, Vec<Problem>) {
+    parse_files(dir, &read_files(dir))
+}
+
+/// Parses one file's text (`file` only names it in problems and logs).
+pub fn parse(file: &Path, text: &str) -> (Vec<Resource>, Vec<Problem>) {
+    let mut out = Loader::default();
+    out.file(file, text);
+    (out.resources, out.problems)
+}
+
+/// The manifest files of a directory as read: (path, contents or the error reading them); or the
+/// error listing the directory.
+type Files = Result<Vec<(PathBuf, Result<Vec<u8>, String>)>, String>;
+
+fn read_files(dir: &Path) -> Files {
+    let entries = fs::read_dir(dir).map_err(|e| format!("reading the directory: {e}"))?;
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("reading the directory: {e}"))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let manifest = !name.starts_with('.')
+            && path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                ["yaml", "yml", "json"]
+                    .iter()
+                    .any(|x| e.eq_ignore_ascii_case(x))
+            });
+        // fs::metadata follows symlinks: a symlinked file counts, a directory named x.yaml not.
+        if manifest && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    Ok(paths
+        .into_iter()
+        .map(|p| {
+            let contents = fs::read(&p).map_err(|e| format!("reading: {e}"));
+            (p, contents)
+        })
+        .collect())
+}
+
+fn parse_files(dir: &Path, files: &Files) -> (Vec<Resource>, Vec<Problem>) {
+    let mut out = Loader::default();
+    match files {
+        Err(error) => out.problems.push(Problem {
+            file: dir.to_owned(),
+            document: None,
+            line: 0,
+            error: error.clone(),
+        }),
+        Ok(files) => {
+            for (path, contents) in files {
+                match contents
+                    .as_ref()
+                    .map_err(Clone::clone)
+                    .and_then(|b| std::str::from_utf8(b).map_err(|e| format!("not UTF-8: {e}")))
+                {
+                    Ok(text) => out.file(path, text),
+                    Err(error) => out.problems.push(Problem {
+                        file: path.clone(),
+                        document: None,
+                        line: 0,
+                        error,
+                    }),
+                }
+            }
+        }
+    }
+    (out.resources, out.problems)
+}
+
+#[derive(Default)]
+struct Loader {
+    resources: Vec<Resource>,
+    problems: Vec<Problem>,
+    /// Where each object was found, for reporting duplicates.
+    seen: BTreeMap<(Kind, ObjKey), (PathBuf, usize)>,
+    /// The first line of the document being loaded.
+    line: usize,
+}
+
+impl Loader {
+    fn file(&mut self, file: &Path, text: &str) {
+        for (i, (line, doc)) in split_documents(text).into_iter().enumerate() {
+            let document = i + 1;
+            self.line = line;
+            let problem = |error: String| Problem {
+                file: file.to_owned(),
+                document: Some(document),
+                line,
+                error,
+            };
+            // Parsed behind blank lines standing in for the documents before it, so the line
+            // numbers in parse errors are the file's.
+            let padded = format!("{}{doc}", "\n".repeat(line - 1));
+            match serde_yaml_ng::from_str::<Value>(&padded) {
+                // Empty documents (a leading or trailing `---`, only comments) are fine.
+                Ok(Value::Null) => {}
+                Ok(value) => {
+                    if let Err(error) = self.object(file, document, value) {
+                        let p = problem(error);
+                        self.problems.push(p);
+                    }
+                }
+                Err(e) => {
+                    let p = problem(e.to_string());
+                    self.problems.push(p);
+                }
+            }
+        }
+    }
+
+    /// One object (or list of them) of document `document`.
+    fn object(&mut self, file: &Path, document: usize, value: Value) -> Result<(), String> {
+        let api_version = value.get("apiVersion").and_then(Value::as_str);
+        let kind = value.get("kind").and_then(Value::as_str);
+        let (Some(api_version), Some(kind)) = (api_version, kind) else {
+            return Err("not a Kubernetes object: apiVersion and kind must be strings".into());
+        };
+        let resource = match (api_version, kind) {
+            ("v1", "Service") => Resource::Service(decode::<Service>(value)?),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                Resource::EndpointSlice(decode::<EndpointSlice>(value)?)
+            }
+            ("v1", "Node") => Resource::Node(decode::<Node>(value)?),
+            (_, list) if list.ends_with("List") && value.get("items").is_some() => {
+                return self.list(file, document, value);
+            }
+            (api_version, kind) => {
+                info!(
+                    file = %file.display(),
+                    document,
+                    api_version,
+                    kind,
+                    "ignoring a manifest that is not a Service, EndpointSlice or Node"
+                );
+                return Ok(());
+            }
+        };
+        let resource = normalize(resource)?;
+        let at = (file.to_owned(), document);
+        if let Some((f, d)) = self.seen.insert((resource.kind(), resource.key()), at) {
+            self.problems.push(Problem {
+                file: file.to_owned(),
+                document: Some(document),
+                line: self.line,
+                error: format!(
+                    "{} {} is also in {}, document {d}; this one wins",
+                    resource.kind(),
+                    resource.key(),
+                    f.display()
+                ),
+            });
+        }
+        self.resources.push(resource);
+        Ok(())
+    }
+
+    /// `kind: List` (items carry their own apiVersion and kind) or `ServiceList` and the like as
+    /// the API returns them (items may not).
+    fn list(&mut self, file: &Path, document: usize, value: Value) -> Result<(), String> {
+        let api_version = value["apiVersion"].clone();
+        let item_kind = value["kind"]
+            .as_str()
+            .and_then(|k| k.strip_suffix("List"))
+            .filter(|k| !k.is_empty())
+            .map(|k| Value::String(k.to_owned()));
+        let Value::Array(items) = value["items"].clone() else {
+            return Err("items of a List must be a sequence".into());
+        };
+        let mut errors = Vec::new();
+        for (i, mut item) in items.into_iter().enumerate() {
+            if let (Some(kind), Some(map)) = (&item_kind, item.as_object_mut()) {
+                map.entry("apiVersion")
+                    .or_insert_with(|| api_version.clone());
+                map.entry("kind").or_insert_with(|| kind.clone());
+            }
+            if let Err(e) = self.object(file, document, item) {
+                errors.push(format!("item {i}: {e}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+fn decode<K: DeserializeOwned>(value: Value) -> Result<K, String> {
+    K::deserialize(value).map_err(|e| e.to_string())
+}
+
+/// Checks the name, defaults the namespace of namespaced kinds to `default` and clears it on
+/// Nodes.
+fn normalize(mut resource: Resource) -> Result<Resource, String> {
+    let kind = resource.kind();
+    let meta = match &mut resource {
+        Resource::Service(o) => &mut o.metadata,
+        Resource::EndpointSlice(o) => &mut o.metadata,
+        Resource::Node(o) => &mut o.metadata,
+    };
+    if meta.name.as_deref().unwrap_or_default().is_empty() {
+        return Err(format!("{kind} without metadata.name"));
+    }
+    if kind == Kind::Node {
+        meta.namespace = None;
+    } else if meta.namespace.as_deref().unwrap_or_default().is_empty() {
+        meta.namespace = Some("default".into());
+    }
+    Ok(resource)
+}
+
+/// Splits a YAML stream into its documents, each with the (1-based) line it starts on. A line
+/// starting with `---` followed by nothing or a space starts a document (the marker stays in it;
+/// the YAML parser accepts `--- {…}`).
+///
+/// serde_yaml_ng's own multi-document iterator can't be used: after a syntax error it yields the
+/// same error forever instead of going on to the next document, so one bad document would hang the
+/// agent. Splitting first makes every document independent.
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let (mut start, mut start_line) = (0, 1);
+    let mut offset = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let rest = line.strip_prefix("---");
+        let marker = rest.is_some_and(|r| r.is_empty() || r.starts_with([' ', '\t', '\r', '\n']));
+        if marker && offset > start {
+            docs.push((start_line, &text[start..offset]));
+            (start, start_line) = (offset, i + 1);
+        } else if marker {
+            start_line = i + 1;
+        }
+        offset += line.len();
+    }
+    if offset > start {
+        docs.push((start_line, &text[start..]));
+    }
+    docs
+}
+
+/// Sends Snapshots of all three kinds from `dir`, then again whenever the directory's manifests
+/// change, until `tx`'s receiver is dropped.
+///
+/// The directory is polled every `poll` ([`DEFAULT_POLL`]): the file list and every file's
+/// contents are read and compared with the last load. Polling rather than inotify because it needs
+/// no extra dependency and works the same everywhere: on ConfigMap volumes (whose files are
+/// symlinks swapped atomically through `..data`, which inotify on the directory misses), bind
+/// mounts, network filesystems, and a directory that does not exist yet; and comparing contents
+/// rather than mtimes and sizes misses no edit, however quick. A manifests directory is small, so
+/// reading it twice a second costs nothing. A change is loaded once the directory read the same on
+/// two consecutive polls, so a file caught half-written is not loaded (and its objects are not
+/// briefly deleted).
+pub async fn run(dir: PathBuf, tx: mpsc::Sender<SourceEvent>, poll: Duration) {
+    // The contents last loaded, and a changed state seen once, waiting to be seen stable.
+    let mut loaded: Option<Files> = None;
+    let mut pending: Option<Files> = None;
+    loop {
+        let d = dir.clone();
+        // Only a panic (none expected) fails the blocking task; then try again next poll.
+        let files = tokio::task::spawn_blocking(move || read_files(&d))
+            .await
+            .ok();
+        let load = match (&files, &loaded) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(files), Some(last)) if last == files => {
+                pending = None;
+                false
+            }
+            (Some(files), Some(_)) if pending.as_ref() == Some(files) => true,
+            (Some(files), Some(_)) => {
+                debug!(dir = %dir.display(), "manifests changed; loading once they are stable");
+                pending = Some(files.clone());
+                false
+            }
+        };
+        if let (true, Some(files)) = (load, files) {
+            let (resources, problems) = parse_files(&dir, &files);
+            for p in &problems {
+                warn!(problem = %p, "manifest skipped");
+            }
+            let mut by_kind: BTreeMap<Kind, Vec<Resource>> =
+                Kind::ALL.iter().map(|&k| (k, Vec::new())).collect();
+            for r in resources {
+                by_kind.entry(r.kind()).or_default().push(r);
+            }
+            info!(
+                dir = %dir.display(),
+                services = by_kind[&Kind::Service].len(),
+                endpoint_slices = by_kind[&Kind::EndpointSlice].len(),
+                nodes = by_kind[&Kind::Node].len(),
+                problems = problems.len(),
+                "manifests loaded"
+            );
+            for (kind, objects) in by_kind {
+                if tx.send(SourceEvent::Snapshot(kind, objects)).await.is_err() {
+                    return;
+                }
+            }
+            loaded = Some(files);
+            pending = None;
+        }
+        tokio::select! {
+            () = tx.closed() => return,
+            () = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_documents_at_marker_lines_only() {
+        let text = "a: 1\n---\nb: |\n  ---\n  x\n--- {c: 3}\n---\n";
+        assert_eq!(
+            split_documents(text),
+            [
+                (1, "a: 1\n"),
+                (2, "---\nb: |\n  ---\n  x\n"),
+                (6, "--- {c: 3}\n"),
+                (7, "---\n"),
+            ]
+        );
+        assert_eq!(split_documents("---\na: 1\n"), [(1, "---\na: 1\n")]);
+        assert_eq!(split_documents(""), []);
+        assert_eq!(split_documents("----\n"), [(1, "----\n")]);
+    }
+}
