@@ -13,6 +13,7 @@ pub mod loader;
 pub mod metrics;
 pub mod model;
 pub mod pin;
+pub mod run;
 pub mod source;
 pub mod stats;
 pub mod sync;

@@ -1,7 +1,7 @@
 //! `nodeport-agent`: load, inspect and unload the NodePort dataplane. A thin layer over the
 //! library; the Kubernetes-driven `run` subcommand will join these.
 
-use std::path::PathBuf;
+use std::{ops::RangeInclusive, path::PathBuf};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -36,6 +36,9 @@ enum IngressHook {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent: load and attach the dataplane, follow the cluster (or a manifests
+    /// directory) and keep the maps in sync. On exit the dataplane stays loaded.
+    Run(Box<RunArgs>),
     /// Load the programs (maps pinned or reused), attach them to interfaces and pin the links, so
     /// the dataplane keeps running after this command exits. Loading again replaces in place.
     Load {
@@ -88,6 +91,139 @@ enum Command {
     },
 }
 
+/// Every option can also be set by environment variable, for the DaemonSet.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// This node's name (the Node object to read addresses from; endpoints here are local).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Interfaces carrying NodePort traffic, comma-separated.
+    #[arg(
+        long,
+        env = "NODEPORT_INTERFACES",
+        value_delimiter = ',',
+        required = true
+    )]
+    interfaces: Vec<String>,
+    /// Read Services, EndpointSlices and Nodes from this directory of YAML files (and follow it)
+    /// instead of the Kubernetes API.
+    #[arg(long, env = "NODEPORT_MANIFESTS", conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the API; without it (and without --manifests), in-cluster configuration.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// kube-proxy's --nodeport-addresses: CIDRs selecting which node addresses serve nodePorts
+    /// (comma-separated; default: all of the node's addresses).
+    #[arg(long, env = "NODEPORT_ADDRESSES", value_delimiter = ',')]
+    nodeport_addresses: Vec<ipnet::Ipv4Net>,
+    /// The cluster's --service-node-port-range.
+    #[arg(long, env = "NODEPORT_SERVICE_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = parse_range)]
+    service_node_port_range: RangeInclusive<u16>,
+    /// Source ports for SNAT. Keep it outside net.ipv4.ip_local_port_range (default
+    /// 32768-60999) so the node's own connections never collide with translated ones.
+    #[arg(long, env = "NODEPORT_SNAT_PORTS", default_value = "61000-65535", value_parser = parse_range)]
+    snat_ports: RangeInclusive<u16>,
+    #[arg(long, env = "NODEPORT_INGRESS", value_enum, default_value_t = IngressHook::Auto)]
+    ingress: IngressHook,
+    #[arg(long, env = "NODEPORT_XDP_MODE", value_enum, default_value_t = XdpAttachMode::Native)]
+    xdp_mode: XdpAttachMode,
+    #[arg(long, env = "NODEPORT_TC_BACKEND", value_enum, default_value_t = TcBackend::Auto)]
+    tc_backend: TcBackend,
+    /// /healthz, /livez and /metrics (kube-proxy's healthz port).
+    #[arg(
+        long,
+        env = "NODEPORT_HEALTHZ_BIND_ADDRESS",
+        default_value = "0.0.0.0:10256"
+    )]
+    healthz_bind_address: std::net::SocketAddr,
+    /// Full resync period, seconds (kube-proxy's --iptables-sync-period).
+    #[arg(long, env = "NODEPORT_SYNC_PERIOD_SECONDS", default_value_t = 30)]
+    sync_period_seconds: u64,
+    /// Shortest time between syncs, milliseconds: changes arriving meanwhile are batched.
+    #[arg(long, env = "NODEPORT_MIN_SYNC_PERIOD_MS", default_value_t = 100)]
+    min_sync_period_ms: u64,
+    /// Log format.
+    #[arg(long, env = "NODEPORT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(flatten)]
+    pin: PinArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected FROM-TO"))?;
+    let a: u16 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let b: u16 = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: expected 1 <= FROM <= TO"));
+    }
+    Ok(a..=b)
+}
+
+fn run_agent(args: RunArgs) -> anyhow::Result<()> {
+    use nodeport_agent::run::{RunConfig, Source, run};
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let (np, snat) = (&args.service_node_port_range, &args.snat_ports);
+    anyhow::ensure!(
+        snat.end() < np.start() || snat.start() > np.end(),
+        "--snat-ports {}-{} overlaps --service-node-port-range {}-{}: a reply could not be told from a new connection",
+        snat.start(),
+        snat.end(),
+        np.start(),
+        np.end()
+    );
+    let cfg = RunConfig {
+        node_name: args.node_name,
+        interfaces: args.interfaces,
+        ingress: match args.ingress {
+            IngressHook::Auto => Ingress::Auto,
+            IngressHook::Xdp => Ingress::Xdp(args.xdp_mode),
+            IngressHook::Tc => Ingress::Tc,
+        },
+        tc_backend: args.tc_backend,
+        source: match args.manifests {
+            Some(dir) => Source::Manifests(dir),
+            None => Source::Kube(args.kubeconfig),
+        },
+        nodeport_cidrs: args.nodeport_addresses,
+        nodeport_range: args.service_node_port_range,
+        pin_root: args.pin.pin_root,
+        snat_ports: args.snat_ports,
+        health_addr: args.healthz_bind_address,
+        sync_period: std::time::Duration::from_secs(args.sync_period_seconds.max(1)),
+        min_sync_period: std::time::Duration::from_millis(args.min_sync_period_ms),
+        conntrack: nodeport_common::Config {
+            snat_port_min: 0,
+            snat_port_max: 0,
+            flags: 0,
+            tcp_syn_timeout_s: 60,
+            tcp_established_timeout_s: 21600,
+            tcp_close_timeout_s: 10,
+            udp_timeout_s: 60,
+        },
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(cfg))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ListWhat {
     Services,
@@ -127,6 +263,7 @@ fn print_out<T: serde::Serialize>(
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Run(args) => run_agent(*args)?,
         Command::Load {
             iface,
             xdp_mode,

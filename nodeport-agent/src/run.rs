@@ -1,0 +1,302 @@
+//! `nodeport-agent run`: load and attach the dataplane, follow cluster state from one source,
+//! and keep the maps equal to what kube-proxy's rules would give, incrementally.
+//!
+//! Level-triggered: every sync computes the whole desired state from the whole cluster state and
+//! writes only the difference, so a missed or repeated event cannot leave the maps wrong. Events
+//! are debounced (a burst becomes one sync), and a periodic full resync re-reads the maps and
+//! repairs any drift. Nothing is written before every watched kind has delivered its first
+//! snapshot. On exit the dataplane stays loaded and pinned: connections keep flowing, and the
+//! next agent adopts the maps (ids and conntrack included) instead of starting over.
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    ops::RangeInclusive,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use ipnet::Ipv4Net;
+use nodeport_common::Config;
+use tokio::{signal::unix::SignalKind, sync::mpsc, time::sleep_until};
+use tracing::{info, warn};
+
+use crate::{
+    AttachPlan, Dataplane, Ingress, PinLayout, TcBackend,
+    http::{HealthChecks, HealthState, serve_health_and_metrics},
+    inspect,
+    metrics::{DataplaneSnapshot, Metrics, ServiceTraffic},
+    model::{
+        ClusterState, Kind, SourceEvent,
+        desired::{Desired, SemanticsConfig, desired},
+    },
+    source,
+    stats::Stats,
+    sync::{
+        Syncer,
+        apply::{Want, WantService},
+    },
+    tables::{ServiceTables, monotonic_ns},
+};
+
+/// Where cluster state comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A directory of Kubernetes YAML manifests, followed for changes.
+    Manifests(PathBuf),
+    /// The Kubernetes API: in-cluster config, or this kubeconfig.
+    Kube(Option<PathBuf>),
+}
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub node_name: String,
+    pub interfaces: Vec<String>,
+    pub ingress: Ingress,
+    pub tc_backend: TcBackend,
+    pub source: Source,
+    pub nodeport_cidrs: Vec<Ipv4Net>,
+    pub nodeport_range: RangeInclusive<u16>,
+    pub pin_root: PathBuf,
+    pub snat_ports: RangeInclusive<u16>,
+    pub health_addr: SocketAddr,
+    /// Full resync period (kube-proxy's --iptables-sync-period, 30 s by default).
+    pub sync_period: Duration,
+    /// Shortest time between two syncs: changes arriving meanwhile are batched.
+    pub min_sync_period: Duration,
+    pub conntrack: Config,
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let layout = PinLayout::new(&cfg.pin_root);
+    let mut dataplane = Dataplane::load(&layout).context("loading the dataplane")?;
+    let plan = AttachPlan {
+        ingress: cfg.ingress,
+        egress: true,
+        tc_backend: cfg.tc_backend,
+    };
+    for iface in &cfg.interfaces {
+        for done in dataplane
+            .attach_interface(iface, &plan)
+            .with_context(|| format!("attaching to {iface}"))?
+        {
+            info!(%done, "attached");
+        }
+    }
+    let mut tables = ServiceTables::open(&layout.dir())?;
+    tables.set_config(&Config {
+        snat_port_min: *cfg.snat_ports.start(),
+        snat_port_max: *cfg.snat_ports.end(),
+        ..cfg.conntrack
+    })?;
+    let mut syncer = Syncer::adopt(tables).context("adopting the pinned maps")?;
+    info!(
+        services = syncer.current().services.len(),
+        backends = syncer.current().backends.len(),
+        "adopted the pinned maps"
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    let counters_layout = layout.clone();
+    let services_dir = layout.dir();
+    metrics.set_dataplane_source(Box::new(move || {
+        dataplane_snapshot(&counters_layout, &services_dir)
+    }));
+    let health = HealthState::new(cfg.sync_period);
+    tokio::spawn({
+        let (health, metrics, addr) = (health.clone(), metrics.clone(), cfg.health_addr);
+        async move {
+            if let Err(e) = serve_health_and_metrics(addr, health, metrics).await {
+                warn!(%addr, error = %e, "health and metrics server stopped");
+            }
+        }
+    });
+    let mut health_checks = HealthChecks::new(None, health.clone());
+
+    let (tx, mut rx) = mpsc::channel(1024);
+    match cfg.source.clone() {
+        Source::Manifests(dir) => {
+            info!(dir = %dir.display(), "following manifests");
+            tokio::spawn(source::manifests::run(dir, tx, Duration::from_millis(500)));
+        }
+        Source::Kube(kubeconfig) => {
+            let client = source::kube::client(kubeconfig.as_deref())
+                .await
+                .context("connecting to the Kubernetes API")?;
+            info!("watching the Kubernetes API");
+            tokio::spawn(source::kube::run(client, cfg.node_name.clone(), tx));
+        }
+    }
+
+    let semantics = SemanticsConfig {
+        node_name: cfg.node_name.clone(),
+        nodeport_cidrs: cfg.nodeport_cidrs.clone(),
+        nodeport_range: cfg.nodeport_range.clone(),
+    };
+    let mut state = ClusterState::default();
+    let mut reported = BTreeSet::new();
+    // When the oldest change not yet in the maps arrived, and how many there are.
+    let mut pending: Option<Instant> = None;
+    let (mut service_changes, mut endpoint_changes) = (0u64, 0u64);
+    let mut last_sync = Instant::now() - cfg.min_sync_period;
+    let mut resync = tokio::time::interval(cfg.sync_period);
+    let mut sweep = tokio::time::interval(Duration::from_secs(10));
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut waiting_logged = false;
+    loop {
+        let debounce = async {
+            match pending {
+                Some(_) => sleep_until((last_sync + cfg.min_sync_period).into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let full = tokio::select! {
+            event = rx.recv() => {
+                let Some(event) = event else { anyhow::bail!("the cluster state source stopped") };
+                let kind = match &event {
+                    SourceEvent::Snapshot(kind, _) => *kind,
+                    SourceEvent::Applied(o) | SourceEvent::Deleted(o) => o.kind(),
+                };
+                if state.apply(event) {
+                    pending.get_or_insert_with(Instant::now);
+                    health.queued_update();
+                    match kind {
+                        Kind::Service => service_changes += 1,
+                        Kind::EndpointSlice => endpoint_changes += 1,
+                        Kind::Node => {
+                            if let Some(node) = state.nodes.values().find(|n| n.metadata.name.as_deref() == Some(cfg.node_name.as_str())) {
+                                health.sync_node(node);
+                            }
+                        }
+                    }
+                    metrics.count_changes(u64::from(kind == Kind::Service), u64::from(kind == Kind::EndpointSlice));
+                    metrics.set_changes_pending(service_changes, endpoint_changes);
+                }
+                continue;
+            }
+            _ = debounce => false,
+            _ = resync.tick() => true,
+            _ = sweep.tick() => {
+                match syncer.tables_mut().sweep_expired(monotonic_ns()) {
+                    Ok(0) => {}
+                    Ok(n) => info!(flows = n, "swept expired connections"),
+                    Err(e) => warn!(error = %e, "sweeping expired connections"),
+                }
+                continue;
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        };
+        if !state.synced(&Kind::ALL) {
+            if !waiting_logged {
+                info!("waiting for the first full snapshot of every watched kind before writing");
+                waiting_logged = true;
+            }
+            continue;
+        }
+        let started = Instant::now();
+        let want_state = desired(&state, &semantics);
+        for p in &want_state.problems {
+            if reported.insert(p.to_string()) {
+                warn!(object = %p.object, problem = %p.message, "ignoring invalid configuration");
+            }
+        }
+        reported.retain(|p: &String| want_state.problems.iter().any(|q| q.to_string() == *p));
+        let want = to_want(&want_state);
+        let report = if full {
+            syncer.resync(&want)
+        } else {
+            syncer.sync(&want)
+        };
+        for e in &report.errors {
+            warn!(error = %e, "map write failed; retried at the next sync");
+        }
+        last_sync = Instant::now();
+        metrics.observe_sync(started.elapsed());
+        if let Some(first) = pending.take() {
+            metrics.observe_programming_latency(first.elapsed());
+        }
+        (service_changes, endpoint_changes) = (0, 0);
+        metrics.set_changes_pending(0, 0);
+        if report.errors.is_empty() {
+            health.synced();
+        }
+        let checks: Vec<(u16, String, String, usize)> = want_state
+            .health_checks
+            .iter()
+            .map(|h| {
+                (
+                    h.node_port,
+                    h.service.namespace.clone(),
+                    h.service.name.clone(),
+                    h.local_endpoints,
+                )
+            })
+            .collect();
+        health_checks.update(&checks).await;
+        if let Ok(s) = inspect::status(syncer.tables(), &Stats::default()) {
+            for m in &s.maps {
+                metrics.set_map_fill(m.map, m.entries as u64, u64::from(m.capacity));
+            }
+        }
+        if report.writes > 0 || full {
+            info!(
+                writes = report.writes,
+                services = want.services.len(),
+                full,
+                took_ms = started.elapsed().as_millis() as u64,
+                "synced"
+            );
+        }
+    }
+    info!("stopping: the dataplane stays loaded and pinned; the next agent adopts it");
+    Ok(())
+}
+
+/// The id-free map content for `desired`.
+pub fn to_want(d: &Desired) -> Want {
+    Want {
+        node_addrs: d.node_addrs.clone(),
+        services: d
+            .services
+            .iter()
+            .map(|(f, s)| {
+                (
+                    (f.node_port, f.proto),
+                    WantService {
+                        flags: s.flags(),
+                        affinity_timeout_s: s.affinity_timeout_s.unwrap_or(0),
+                        backends: s.backends.iter().map(|b| b.entry(f.proto)).collect(),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+fn dataplane_snapshot(layout: &PinLayout, dir: &std::path::Path) -> DataplaneSnapshot {
+    let counters = Stats::read_pinned(layout)
+        .map(|s| {
+            s.iter()
+                .map(|(c, t)| (c.name(), t.packets, t.bytes))
+                .collect()
+        })
+        .unwrap_or_default();
+    let services = ServiceTables::open(dir)
+        .and_then(|t| inspect::services(&t))
+        .map(|rows| {
+            rows.into_iter()
+                .map(|r| ServiceTraffic {
+                    node_port: r.node_port,
+                    protocol: r.protocol,
+                    service: r.service_id.to_string(),
+                    packets: r.packets,
+                    bytes: r.bytes,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    DataplaneSnapshot { counters, services }
+}
