@@ -14,7 +14,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use crate::packet::Mac;
+use crate::{netns::ip, packet::Mac};
 
 pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const NODE2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
@@ -29,26 +29,6 @@ pub const LOCAL_POD_MAC: Mac = [2, 0, 0, 0, 1, 0x0a];
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-pub fn require_root() {
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "kernel tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run them as root, as CI does"
-    );
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("running `ip` (iproute2; scripts/setup.sh installs it)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 pub struct FixtureNet {
     pub ns: String,
     peer: String,
@@ -58,7 +38,7 @@ pub struct FixtureNet {
 
 impl FixtureNet {
     pub fn create() -> Self {
-        require_root();
+        crate::require_kernel();
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let ns = format!("npfx-{}-{n}", std::process::id());
         let peer = format!("{ns}-p");

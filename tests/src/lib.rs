@@ -1,12 +1,11 @@
 //! Shared pieces of the kernel tests (tests/tests/*.rs): a root/bpffs check that fails loudly,
 //! throwaway network namespaces and pin directories that clean up after themselves (also when a
-//! test panics), and hand-built frames (`frames`).
+//! test panics), and hand-built frames (`packet`).
 //!
 //! Kernel tests never skip: on a machine where they cannot run they fail and say why, so a green
 //! run always means the programs ran in a kernel.
 
 pub mod fixture_net;
-pub mod frames;
 pub mod harness;
 pub mod netns;
 pub mod packet;

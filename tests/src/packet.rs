@@ -176,6 +176,22 @@ impl Frame {
     }
 }
 
+/// A broadcast ARP request: who has `target`? tell `sender_ip` (42 bytes).
+pub fn arp_request(sender_mac: Mac, sender_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&1u16.to_be_bytes()); // hardware type: Ethernet
+    f.extend_from_slice(&0x0800u16.to_be_bytes()); // protocol type: IPv4
+    f.extend_from_slice(&[6, 4]); // address lengths
+    f.extend_from_slice(&1u16.to_be_bytes()); // operation: request
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&sender_ip.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
+
 /// A parsed view of a frame, for assertions on what a program wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed {
@@ -260,6 +276,7 @@ mod tests {
             let p = parse_and_verify(&f.build()).unwrap();
             assert_eq!((p.src, p.sport, p.dst, p.dport), (a.0, a.1, b.0, b.1));
         }
+        assert_eq!(arp_request([2; 6], a.0, b.0).len(), 42);
         let mut bad = Frame::tcp(a, b, SYN).build();
         bad[14 + 20 + 16] ^= 1;
         assert!(parse_and_verify(&bad).unwrap_err().contains("TCP checksum"));

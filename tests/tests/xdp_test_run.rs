@@ -10,7 +10,7 @@ use aya::{
 use nodeport_agent::{Dataplane, Stats};
 use nodeport_common::{Counter, NodeAddr, NodeAddrKey, Traffic, map_names};
 use nodeport_tests::{
-    frames::{Udp4, arp_request},
+    packet::{Frame, arp_request},
     pins::TestPins,
 };
 
@@ -52,16 +52,9 @@ fn assert_passes_unchanged(dataplane: &Dataplane, what: &str, frame: &[u8]) {
 }
 
 fn udp_to(dst: Ipv4Addr) -> Vec<u8> {
-    Udp4 {
-        src_mac: CLIENT_MAC,
-        dst_mac: NODE_MAC,
-        src: CLIENT,
-        dst,
-        sport: 40_000,
-        dport: 30_080,
-        ttl: 64,
-    }
-    .build(b"not a nodeport packet")
+    Frame::udp((CLIENT, 40_000), (dst, 30_080), b"not a nodeport packet")
+        .with_macs(CLIENT_MAC, NODE_MAC)
+        .build()
 }
 
 fn traffic(packets: u64, frame: &[u8]) -> Traffic {
