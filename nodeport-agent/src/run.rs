@@ -29,7 +29,7 @@ use crate::{
     metrics::{DataplaneSnapshot, Metrics, ServiceTraffic},
     model::{
         ClusterState, Kind, SourceEvent,
-        desired::{Desired, SemanticsConfig, desired},
+        desired::{Desired, FrontendId, SemanticsConfig, desired},
     },
     source,
     stats::Stats,
@@ -101,8 +101,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let counters_layout = layout.clone();
     let services_dir = layout.dir();
+    // Service id -> "namespace/name:port", refreshed at every sync, for the metrics' labels.
+    let names: ServiceNames = Arc::default();
+    let scrape_names = names.clone();
     metrics.set_dataplane_source(Box::new(move || {
-        dataplane_snapshot(&counters_layout, &services_dir)
+        dataplane_snapshot(&counters_layout, &services_dir, &scrape_names)
     }));
     let health = HealthState::new(cfg.sync_period);
     tokio::spawn({
@@ -236,6 +239,25 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             })
             .collect();
         health_checks.update(&checks).await;
+        if let Ok(mut names) = names.write() {
+            *names = syncer
+                .current()
+                .services
+                .iter()
+                .filter_map(|(key, entry)| {
+                    let d = want_state.services.get(&FrontendId {
+                        node_port: key.0,
+                        proto: key.1,
+                    })?;
+                    let port = if d.port_name.is_empty() {
+                        key.0.to_string()
+                    } else {
+                        d.port_name.clone()
+                    };
+                    Some((entry.svc_id, format!("{}:{port}", d.service)))
+                })
+                .collect();
+        }
         if let Ok(s) = inspect::status(syncer.tables(), &Stats::default()) {
             for m in &s.maps {
                 metrics.set_map_fill(m.map, m.entries as u64, u64::from(m.capacity));
@@ -276,7 +298,14 @@ pub fn to_want(d: &Desired) -> Want {
     }
 }
 
-fn dataplane_snapshot(layout: &PinLayout, dir: &std::path::Path) -> DataplaneSnapshot {
+type ServiceNames = Arc<std::sync::RwLock<std::collections::BTreeMap<u32, String>>>;
+
+fn dataplane_snapshot(
+    layout: &PinLayout,
+    dir: &std::path::Path,
+    names: &ServiceNames,
+) -> DataplaneSnapshot {
+    let names = names.read().map(|n| n.clone()).unwrap_or_default();
     let counters = Stats::read_pinned(layout)
         .map(|s| {
             s.iter()
@@ -291,7 +320,10 @@ fn dataplane_snapshot(layout: &PinLayout, dir: &std::path::Path) -> DataplaneSna
                 .map(|r| ServiceTraffic {
                     node_port: r.node_port,
                     protocol: r.protocol,
-                    service: r.service_id.to_string(),
+                    service: names
+                        .get(&r.service_id)
+                        .cloned()
+                        .unwrap_or_else(|| format!("id {}", r.service_id)),
                     packets: r.packets,
                     bytes: r.bytes,
                 })

@@ -214,10 +214,16 @@ fn connect(client: &Ns) -> std::io::Result<BufReader<TcpStream>> {
 }
 
 fn healthz(node: &Ns) -> String {
-    node.run(|| {
+    get(node, "/healthz")
+}
+
+fn get(node: &Ns, path: &'static str) -> String {
+    node.run(move || {
         let mut s = TcpStream::connect("127.0.0.1:10256").ok()?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
         Some(out)
@@ -313,6 +319,14 @@ fn agent_follows_manifests_and_survives_a_restart_without_dropping_connections()
         POD1.to_string(),
         "the kept connection stays on its pod"
     );
+
+    // /metrics names services and counts the dataplane's packets by reason.
+    let metrics = get(&node, "/metrics");
+    assert!(
+        metrics.contains("service=\"default/echo:http\""),
+        "{metrics}"
+    );
+    assert!(metrics.contains("reason=\"new_flow\""), "{metrics}");
 
     // A bad manifest is reported and changes nothing else.
     std::fs::write(
