@@ -594,9 +594,9 @@ impl Lab {
             self.wait_synced(Duration::from_secs(30))?;
             // Connections in flight to them end (each request is short); then they go.
             std::thread::sleep(Duration::from_millis(200));
-            for name in &remove {
-                self.delete_pod(name);
-                report.deleted.push(name.clone());
+            for pod in self.state.pods.iter().filter(|p| remove.contains(&p.name)) {
+                self.delete_pod(pod);
+                report.deleted.push(pod.name.clone());
             }
             self.state.pods.retain(|p| !remove.contains(&p.name));
             self.save()?;
@@ -675,7 +675,7 @@ impl Lab {
         sys::ip_in(&node.name, &["link", "set", &host_if, "up"])?;
         sys::ip_in(
             &node.name,
-            &["route", "add", &format!("{ip}/32"), "dev", &host_if],
+            &["route", "replace", &format!("{ip}/32"), "dev", &host_if],
         )?;
         sys::ip_in(&ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         sys::ip_in(&ns, &["link", "set", "eth0", "up"])?;
@@ -713,12 +713,16 @@ impl Lab {
         Ok(())
     }
 
-    fn delete_pod(&self, name: &str) {
+    fn delete_pod(&self, pod: &Pod) {
         let c = &self.state.config;
+        let name = &pod.name;
         let pid_file = c.pods_dir().join(format!("{name}.pid"));
         if let Some(pid) = sys::read_pid(&pid_file).filter(|p| sys::runs(*p, "nodeport-echo")) {
             sys::stop(pid, Duration::from_secs(1));
         }
+        // The veth pair (and the node's route to the pod) goes now: a deleted namespace's
+        // devices go later, asynchronously, and the address may be reused at once.
+        let _ = sys::ip_in(&pod.node, &["link", "del", &pod.host_if]);
         sys::netns_del(&c.pod_ns(name));
         for ext in ["pid", "ready", "log"] {
             let _ = std::fs::remove_file(c.pods_dir().join(format!("{name}.{ext}")));

@@ -270,7 +270,8 @@ pub fn usage(lab: &Lab) -> String {
     }
     let _ = writeln!(
         out,
-        "  maps:       nodeport-agent list services --pin-root {}",
+        "  maps:       {} list services --pin-root {}",
+        c.agent.display(),
         c.pin_root(&lab.nodes()[1].name).display()
     );
     let _ = writeln!(
