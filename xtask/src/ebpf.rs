@@ -97,6 +97,31 @@ pub fn build_agent(root: &Path) -> anyhow::Result<PathBuf> {
         .ok_or_else(|| anyhow!("the build produced no nodeport-agent binary"))
 }
 
+/// Builds what the lab runs, the agent and the pods' echo server; returns (agent, echo).
+pub fn build_lab(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--package",
+        "nodeport-agent",
+        "--bin",
+        "nodeport-agent",
+    ])
+    .args(["--package", "nodeport-lab", "--bin", "nodeport-echo"])
+    .arg("--message-format=json-render-diagnostics")
+    .current_dir(root);
+    let built = executables(&mut cmd)?;
+    let find = |name: &str| {
+        built
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p.clone())
+            .ok_or_else(|| anyhow!("the build produced no {name} binary"))
+    };
+    Ok((find("nodeport-agent")?, find("nodeport-echo")?))
+}
+
 /// Runs a cargo build with JSON messages on stdout (diagnostics still go to the terminal) and
 /// returns the (target name, path) of every executable it produced.
 fn executables(cmd: &mut Command) -> anyhow::Result<Vec<(String, PathBuf)>> {

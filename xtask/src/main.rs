@@ -6,8 +6,11 @@
 //!   arguments (`cargo xtask load --iface eth0`).
 //! - `test`: `bash scripts/test.sh`, the whole test suite.
 //! - `bench-prog`: the per-packet cost benchmark of docs/BENCHMARKS.md.
+//! - `lab`: builds the agent and the echo server, brings the lab up (a kind-like cluster in
+//!   network namespaces, nodeport-lab) and prints its report; `lab up|apply|report|status|down`.
 
 mod ebpf;
+mod lab;
 
 use std::{
     path::{Path, PathBuf},
@@ -39,6 +42,8 @@ enum Task {
     /// Per-packet program cost (docs/BENCHMARKS.md): runs the `prog_bench` binary of
     /// nodeport-tests in release mode with ARGS….
     BenchProg(AgentArgs),
+    /// The lab: without an action, build, bring it up (or update it) and print the report.
+    Lab(lab::LabArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,6 +89,7 @@ fn main() -> anyhow::Result<()> {
                 .args(&a.args)
                 .current_dir(&root))?
         }
+        Task::Lab(args) => lab::run(&root, args)?,
     }
     Ok(())
 }
@@ -126,6 +132,24 @@ mod tests {
             panic!("not load")
         };
         assert_eq!(a.args, ["--iface", "eth0", "--xdp-mode", "generic"]);
+    }
+
+    #[test]
+    fn lab_actions_parse() {
+        let cli = Cli::try_parse_from(["xtask", "lab"]).unwrap();
+        assert!(matches!(cli.task, Task::Lab(_)));
+        for action in ["up", "apply", "report", "status", "down"] {
+            Cli::try_parse_from(["xtask", "lab", action, "--prefix", "x"]).unwrap();
+        }
+        assert!(Cli::try_parse_from(["xtask", "lab", "sideways"]).is_err());
+    }
+
+    #[test]
+    fn lab_script_runs_setup_then_the_lab() {
+        let script = std::fs::read_to_string(workspace_root().join("scripts/lab.sh")).unwrap();
+        let setup = script.find("bash scripts/setup.sh").expect("setup");
+        let lab = script.find("exec cargo xtask lab").expect("the lab");
+        assert!(setup < lab, "{script}");
     }
 
     #[test]

@@ -1,0 +1,20 @@
+//! The lab: a kind-like Kubernetes cluster on one machine, in network namespaces, served by the
+//! NodePort dataplane.
+//!
+//! - [`lab`]: the topology (a bridge as "the docker network", one namespace per node, pods behind
+//!   veths, a client outside the cluster), one `nodeport-agent` per node, and the lifecycle
+//!   (`up`, `apply`, `down`, `leftovers`).
+//! - [`workload`]: the control plane as pure functions: Deployments and Services from YAML, pod
+//!   placement, the EndpointSlices the EndpointSlice controller would write, and what each
+//!   node's maps must then hold.
+//! - [`report`]: what `cargo xtask lab` prints.
+//! - The `nodeport-echo` binary is the pods' server (HTTP and UDP, answers JSON naming the node,
+//!   the pod, its address and the client address it saw).
+pub mod lab;
+pub mod report;
+pub mod sys;
+pub mod workload;
+
+pub use lab::{
+    Answer, ApplyReport, CLIENT_ADDR, Config, DEFAULT_PREFIX, Lab, STATE_ROOT, down, leftovers, up,
+};
