@@ -152,6 +152,27 @@ fn watcher_event_sequences_drive_the_maps() {
         ["198.18.0.2".parse::<std::net::Ipv4Addr>().unwrap()]
     );
 
+    // A web endpoint starts terminating: it leaves the slots, but its backend entry stays so
+    // the connections it already serves go on (kube-proxy's conntrack does the same).
+    let terminating = objects(&slice("web", &[("10.244.1.10", "node-a"), ("10.244.2.10", "node-b")]).replace(
+        "- addresses: [\"10.244.2.10\"]\n  nodeName: node-b\n  conditions: {ready: true}",
+        "- addresses: [\"10.244.2.10\"]\n  nodeName: node-b\n  conditions: {ready: false, serving: true, terminating: true}",
+    ));
+    let view = step(
+        &mut syncer,
+        &cfg,
+        &mut state,
+        vec![SourceEvent::Applied(terminating[0].clone())],
+    );
+    assert_eq!(view[0], (30080, vec!["10.244.1.10:8080".into()]));
+    let kept: Vec<String> = read_maps(syncer.tables())
+        .unwrap()
+        .backends
+        .values()
+        .map(|b| b.addr.to_string())
+        .collect();
+    assert!(kept.contains(&"10.244.2.10:8080".to_string()), "{kept:?}");
+
     // An endpoint leaves web's slice (Applied).
     let changed = objects(&slice("web", &[("10.244.1.10", "node-a")]));
     let view = step(

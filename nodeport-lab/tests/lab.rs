@@ -336,12 +336,9 @@ fn a_selector_matching_no_pod_times_out_until_it_is_fixed() {
 /// no connection attempt ever fails (new flows only go to pods that serve: new pods serve before
 /// their slices name them, removed ones are first marked terminating and only deleted after every
 /// agent stopped sending them new flows), and the last answers come from the surviving pods.
-///
-/// One kind of failure is tolerated, bounded and attributed: an exchange already under way with a
-/// pod at the instant an agent drops that pod's backend is reset (the agent deletes a terminating
-/// endpoint's backend, so the flow's next packet is balanced anew and the new pod answers RST;
-/// kube-proxy's conntrack would let it finish). Such resets can only happen while an apply that
-/// removes pods runs, at most one per node and such apply (the client has one flow at a time).
+/// Exchanges already under way with a pod that starts terminating finish too: the agent keeps a
+/// terminating endpoint's backend (without slots) until the endpoint leaves the slices, as
+/// kube-proxy's conntrack lets such flows finish.
 #[test]
 fn scaling_while_a_client_loops_never_fails_a_connection() {
     let mut t = lab_with(&web(2, "{app: web}", 30102, "", ""));
@@ -393,20 +390,9 @@ fn scaling_while_a_client_loops_never_fails_a_connection() {
     );
     assert!(ok > 200, "the client loop made only {ok} requests");
     assert_eq!(removed, 5, "5 -> 1 removes 4, 3 -> 2 one");
-    let connect_failures: Vec<_> = failed.iter().filter(|f| f.1.0).collect();
     assert!(
-        connect_failures.is_empty(),
-        "connection attempts failed while scaling: {connect_failures:?}"
-    );
-    for (at, e) in &failed {
-        assert!(
-            removal_windows.iter().any(|w| w.contains(*at)),
-            "an exchange failed outside any pod removal: {e:?}"
-        );
-    }
-    assert!(
-        failed.len() <= nodes.len() * removal_windows.len(),
-        "more resets than flows in flight at backend removals: {failed:?}"
+        failed.is_empty(),
+        "exchanges failed while scaling (windows of pod removal: {removal_windows:?}): {failed:?}"
     );
     // The last answers come from the surviving pods only.
     let live: BTreeSet<String> = t.lab.pods().iter().map(|p| p.name.clone()).collect();

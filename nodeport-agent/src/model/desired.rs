@@ -112,6 +112,11 @@ pub struct DesiredService {
     /// frontend still exists (kube-proxy drops eTP=Local traffic without local endpoints and
     /// rejects traffic to services without endpoints; it does not let it through to the host).
     pub backends: Vec<DesiredBackend>,
+    /// Endpoints still listed for this port but not balanced over (terminating, not ready, or
+    /// not chosen by the traffic policy), sorted by address. They get no slot, but their backend
+    /// entries stay, so connections already tracked to them keep flowing until the endpoint
+    /// leaves the slices, as kube-proxy's conntrack entries outlive its rules.
+    pub draining: Vec<DesiredBackend>,
 }
 
 impl DesiredService {
@@ -461,6 +466,16 @@ pub fn desired(state: &ClusterState, cfg: &SemanticsConfig) -> Desired {
             })
             .collect();
         backends.sort_by_key(|b| b.addr);
+        let mut draining: Vec<DesiredBackend> = endpoints
+            .iter()
+            .filter(|e| !backends.iter().any(|b| b.addr == e.addr))
+            .map(|e| DesiredBackend {
+                addr: e.addr,
+                local: e.local,
+            })
+            .collect();
+        draining.sort_by_key(|b| b.addr);
+        draining.dedup();
         services.insert(
             frontend,
             DesiredService {
@@ -469,6 +484,7 @@ pub fn desired(state: &ClusterState, cfg: &SemanticsConfig) -> Desired {
                 etp_local: winner.etp_local,
                 affinity_timeout_s: winner.affinity_timeout_s,
                 backends,
+                draining,
             },
         );
     }
@@ -1131,6 +1147,28 @@ mod tests {
         // Traffic still goes to the terminating endpoint, but the health check fails.
         assert_eq!(addrs(&d.services[&tcp(30080)]), ["10.0.0.1:8080"]);
         assert_eq!(d.health_checks[0].local_endpoints, 0);
+    }
+
+    #[test]
+    fn terminating_endpoints_beside_ready_ones_drain_instead_of_vanishing() {
+        let svc = web("default", "web", 30080);
+        let slices = vec![http_slice(
+            "default",
+            "web-1",
+            "web",
+            8080,
+            vec![
+                ep("10.0.0.1", NODE, Some(true), Some(true), Some(false)),
+                ep("10.0.0.2", "node-b", Some(false), Some(true), Some(true)),
+                ep("10.0.0.3", "node-b", Some(false), Some(false), Some(false)),
+            ],
+        )];
+        let d = desired(&state(vec![svc], slices), &cfg());
+        let s = &d.services[&tcp(30080)];
+        assert_eq!(addrs(s), ["10.0.0.1:8080"]);
+        // Not balanced over, but kept for the connections they already have.
+        let draining: Vec<String> = s.draining.iter().map(|b| b.addr.to_string()).collect();
+        assert_eq!(draining, ["10.0.0.2:8080", "10.0.0.3:8080"]);
     }
 
     // ---- node addresses ----

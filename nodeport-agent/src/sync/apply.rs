@@ -30,6 +30,9 @@ pub struct WantService {
     pub affinity_timeout_s: u32,
     /// In slot order.
     pub backends: Vec<BackendEntry>,
+    /// Kept in the backend table without slots: tracked flows to them go on, new ones do not
+    /// come (terminating endpoints).
+    pub draining: Vec<BackendEntry>,
 }
 
 /// Everything the service maps should hold, without ids.
@@ -104,7 +107,8 @@ impl Syncer {
         let wanted_backends: BTreeSet<BackendId> = want
             .services
             .values()
-            .flat_map(|s| s.backends.iter().map(|b| (b.addr, b.proto)))
+            .flat_map(|s| s.backends.iter().chain(&s.draining))
+            .map(|b| (b.addr, b.proto))
             .collect();
         self.backend_ids.retain(&wanted_backends);
         self.service_ids
@@ -121,6 +125,14 @@ impl Syncer {
                 ));
                 continue;
             };
+            for b in &svc.draining {
+                match self.backend_ids.acquire(&(b.addr, b.proto)) {
+                    Some(id) => {
+                        out.backends.entry(id).or_insert(*b);
+                    }
+                    None => errors.push(format!("backend {}: no free backend id", b.addr)),
+                }
+            }
             let mut ids = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
                 match self.backend_ids.acquire(&(b.addr, b.proto)) {
