@@ -79,47 +79,46 @@ pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
 
 /// Builds the agent with the workspace's own toolchain; returns its binary.
 pub fn build_agent(root: &Path) -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--package",
-        "nodeport-agent",
-        "--bin",
-        "nodeport-agent",
-    ])
-    .arg("--message-format=json-render-diagnostics")
-    .current_dir(root);
-    executables(&mut cmd)?
-        .into_iter()
-        .find(|(name, _)| name == "nodeport-agent")
-        .map(|(_, path)| path)
-        .ok_or_else(|| anyhow!("the build produced no nodeport-agent binary"))
+    let [agent] = build_bins(root, [("nodeport-agent", "nodeport-agent")])?;
+    Ok(agent)
 }
 
 /// Builds what the lab runs, the agent and the pods' echo server; returns (agent, echo).
 pub fn build_lab(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let [agent, echo] = build_bins(
+        root,
+        [
+            ("nodeport-agent", "nodeport-agent"),
+            ("nodeport-lab", "nodeport-echo"),
+        ],
+    )?;
+    Ok((agent, echo))
+}
+
+/// Builds `(package, binary)` pairs in one cargo run; returns the binaries' paths in order.
+fn build_bins<const N: usize>(
+    root: &Path,
+    bins: [(&str, &str); N],
+) -> anyhow::Result<[PathBuf; N]> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--package",
-        "nodeport-agent",
-        "--bin",
-        "nodeport-agent",
-    ])
-    .args(["--package", "nodeport-lab", "--bin", "nodeport-echo"])
-    .arg("--message-format=json-render-diagnostics")
-    .current_dir(root);
+    cmd.arg("build");
+    for (package, bin) in bins {
+        cmd.args(["--package", package, "--bin", bin]);
+    }
+    cmd.arg("--message-format=json-render-diagnostics")
+        .current_dir(root);
     let built = executables(&mut cmd)?;
-    let find = |name: &str| {
-        built
+    let mut out = Vec::with_capacity(N);
+    for (_, bin) in bins {
+        let path = built
             .iter()
-            .find(|(n, _)| n == name)
+            .find(|(n, _)| n == bin)
             .map(|(_, p)| p.clone())
-            .ok_or_else(|| anyhow!("the build produced no {name} binary"))
-    };
-    Ok((find("nodeport-agent")?, find("nodeport-echo")?))
+            .ok_or_else(|| anyhow!("the build produced no {bin} binary"))?;
+        out.push(path);
+    }
+    Ok(out.try_into().expect("one path per binary"))
 }
 
 /// Runs a cargo build with JSON messages on stdout (diagnostics still go to the terminal) and
