@@ -9,8 +9,12 @@
 //! - `lab`: builds the agent and the echo server, brings the lab up (a kind-like cluster in
 //!   network namespaces, nodeport-lab) and prints its report; `lab up|apply|report|status|down`.
 
+mod bench;
 mod ebpf;
+mod fuzz;
+mod kind;
 mod lab;
+mod reliability;
 
 use std::{
     path::{Path, PathBuf},
@@ -44,6 +48,14 @@ enum Task {
     BenchProg(AgentArgs),
     /// The lab: without an action, build, bring it up (or update it) and print the report.
     Lab(lab::LabArgs),
+    /// Benchmarks against the direct path and kube-proxy (docs/BENCHMARKS.md).
+    Bench(bench::Args),
+    /// Packet fuzzing through BPF_PROG_TEST_RUN, long form (docs/RELIABILITY.md).
+    Fuzz(fuzz::Args),
+    /// Restarts, churn and full tables under load, long form (docs/RELIABILITY.md).
+    Reliability(reliability::Args),
+    /// A kind cluster running the dataplane as a DaemonSet: up, deploy, e2e, down.
+    Kind(kind::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -90,6 +102,10 @@ fn main() -> anyhow::Result<()> {
                 .current_dir(&root))?
         }
         Task::Lab(args) => lab::run(&root, args)?,
+        Task::Bench(args) => bench::run(&root, args)?,
+        Task::Fuzz(args) => fuzz::run(&root, args)?,
+        Task::Reliability(args) => reliability::run(&root, args)?,
+        Task::Kind(args) => kind::run(&root, args)?,
     }
     Ok(())
 }
