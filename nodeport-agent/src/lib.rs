@@ -4,6 +4,7 @@
 //! further modules next to them.
 
 pub mod attach;
+pub mod cli;
 pub mod error;
 pub mod http;
 pub mod iface;
