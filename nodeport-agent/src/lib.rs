@@ -4,6 +4,7 @@
 //! further modules next to them.
 
 pub mod attach;
+pub mod caps;
 pub mod cli;
 pub mod error;
 pub mod http;

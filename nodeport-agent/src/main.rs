@@ -10,6 +10,7 @@ use nodeport_agent::{AttachPlan, Dataplane, Ingress, PinLayout, Stats, stats, un
 
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     use nodeport_agent::run::{RunConfig, Source, run};
+    nodeport_agent::caps::check()?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -99,6 +100,7 @@ fn main() -> anyhow::Result<()> {
             tc_backend,
             pin,
         } => {
+            nodeport_agent::caps::check()?;
             let layout = PinLayout::new(pin.pin_root);
             let plan = AttachPlan {
                 ingress: match ingress {
