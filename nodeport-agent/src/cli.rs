@@ -121,6 +121,15 @@ pub struct RunArgs {
     /// 32768-60999) so the node's own connections never collide with translated ones.
     #[arg(long, env = "NODEPORT_SNAT_PORTS", default_value = "61000-65535", value_parser = parse_range)]
     pub snat_ports: RangeInclusive<u16>,
+    /// Size of the connection-tracking table (np_ct4): concurrent flows this node tracks. An LRU
+    /// map: when full, the least recently used flow is evicted. Pinned maps keep the size they
+    /// were created with; changing it needs `nodeport-agent unload` first (docs/RELIABILITY.md).
+    #[arg(long, env = "NODEPORT_CONNTRACK_ENTRIES", default_value_t = nodeport_common::capacity::CONNTRACK, value_parser = clap::value_parser!(u32).range(1..))]
+    pub conntrack_entries: u32,
+    /// Size of the reverse-NAT table (np_rnat4): one entry per tracked flow; keep it equal to
+    /// --conntrack-entries.
+    #[arg(long, env = "NODEPORT_REV_NAT_ENTRIES", default_value_t = nodeport_common::capacity::REV_NAT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rev_nat_entries: u32,
     #[arg(long, env = "NODEPORT_INGRESS", value_enum, default_value_t = IngressHook::Auto)]
     pub ingress: IngressHook,
     #[arg(long, env = "NODEPORT_XDP_MODE", value_enum, default_value_t = XdpAttachMode::Native)]

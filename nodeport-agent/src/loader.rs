@@ -6,7 +6,7 @@ use aya::{
     maps::{Array, MapData, PerCpuArray},
     programs::{SchedClassifier, Xdp},
 };
-use nodeport_common::{Config, LAYOUT_VERSION, Traffic, map_names, program_names};
+use nodeport_common::{Config, LAYOUT_VERSION, Traffic, capacity, map_names, program_names};
 
 use crate::{
     Error,
@@ -27,6 +27,57 @@ pub fn object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport"))
 }
 
+/// Sizes of the connection-tracking tables, chosen at load time (`--conntrack-entries`,
+/// `--rev-nat-entries`). The object declares `nodeport_common::capacity`; the loader overrides
+/// `max_entries` before the maps are created. A map that is already pinned keeps the size it was
+/// created with: aya refuses to reuse a pinned map whose `max_entries` differs
+/// (`MapError::IncompatiblePinnedMap`), so a changed size is an error, never silently ignored;
+/// see [`TableSizes::is_size_mismatch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableSizes {
+    /// `np_ct4`: tracked flows (LRU: when full, the least recently used flow is evicted).
+    pub conntrack: u32,
+    /// `np_rnat4`: reply tuples of tracked flows, one per flow (LRU).
+    pub rev_nat: u32,
+}
+
+impl Default for TableSizes {
+    fn default() -> Self {
+        Self {
+            conntrack: capacity::CONNTRACK,
+            rev_nat: capacity::REV_NAT,
+        }
+    }
+}
+
+impl TableSizes {
+    /// Whether `e` (anywhere in its chain) is aya refusing a pinned map of another size: the
+    /// caller asked for sizes the pinned tables were not created with.
+    pub fn is_size_mismatch(e: &(dyn std::error::Error + 'static)) -> bool {
+        let mut next = Some(e);
+        while let Some(err) = next {
+            if let Some(aya::maps::MapError::IncompatiblePinnedMap { property, .. }) =
+                err.downcast_ref::<aya::maps::MapError>()
+                && *property == "max_entries"
+            {
+                return true;
+            }
+            next = err.source();
+        }
+        false
+    }
+}
+
+/// `max_entries` of a pinned map, as the kernel reports it (the real capacity, whatever size
+/// the object declares).
+pub fn pinned_max_entries(dir: &std::path::Path, name: &str) -> Result<u32, Error> {
+    let info = aya::maps::MapInfo::from_pin(dir.join(name)).map_err(|source| Error::Map {
+        name: name.to_owned(),
+        source,
+    })?;
+    Ok(info.max_entries())
+}
+
 /// The loaded dataplane: the object's maps (pinned) and programs (loaded and pinned). Dropping it
 /// leaves everything pinned in place; `attach::unload` removes it.
 pub struct Dataplane {
@@ -40,11 +91,25 @@ impl Dataplane {
         Self::load_object(object(), layout)
     }
 
+    /// Loads the embedded object with the connection-tracking tables sized `sizes`.
+    pub fn load_sized(layout: &PinLayout, sizes: &TableSizes) -> Result<Self, Error> {
+        Self::load_object_sized(object(), layout, sizes)
+    }
+
     /// Loads `object` with its maps pinned by name in `layout.dir()`: maps already pinned there
     /// (by an earlier run of this agent version) are reused with their contents, so a restart or
     /// upgrade keeps counters, services and connections. Then every program is verified, loaded
     /// and pinned under `progs/`, replacing pins of a previous load.
     pub fn load_object(object: &[u8], layout: &PinLayout) -> Result<Self, Error> {
+        Self::load_object_sized(object, layout, &TableSizes::default())
+    }
+
+    /// [`load_object`](Self::load_object) with the connection-tracking tables sized `sizes`.
+    pub fn load_object_sized(
+        object: &[u8],
+        layout: &PinLayout,
+        sizes: &TableSizes,
+    ) -> Result<Self, Error> {
         pin::ensure_bpffs(layout.root())?;
         let others = layout.other_versions()?;
         if !others.is_empty() {
@@ -62,6 +127,8 @@ impl Dataplane {
         pin::create_dir_all(&layout.dir())?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(layout.dir())
+            .map_max_entries(map_names::CONNTRACK, sizes.conntrack)
+            .map_max_entries(map_names::REV_NAT, sizes.rev_nat)
             .load(object)?;
         let mut dataplane = Self {
             ebpf,

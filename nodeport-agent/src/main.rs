@@ -58,6 +58,10 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             tcp_close_timeout_s: 10,
             udp_timeout_s: 60,
         },
+        table_sizes: nodeport_agent::loader::TableSizes {
+            conntrack: args.conntrack_entries,
+            rev_nat: args.rev_nat_entries,
+        },
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

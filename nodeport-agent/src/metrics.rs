@@ -95,6 +95,9 @@ pub struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     map_fill_ratio: Family<MapLabels, Gauge<f64, AtomicU64>>,
+    snat_ports_used_max: Gauge,
+    snat_ports: Gauge,
+    table_count_duration: Gauge<f64, AtomicU64>,
     dataplane: Arc<DataplaneCollector>,
 }
 
@@ -126,6 +129,9 @@ impl Metrics {
         let map_entries = Family::<MapLabels, Gauge>::default();
         let map_capacity = Family::<MapLabels, Gauge>::default();
         let map_fill_ratio = Family::<MapLabels, Gauge<f64, AtomicU64>>::default();
+        let snat_ports_used_max = Gauge::default();
+        let snat_ports = Gauge::default();
+        let table_count_duration = Gauge::<f64, AtomicU64>::default();
         let dataplane = Arc::new(DataplaneCollector::default());
 
         // Names and help texts as kube-proxy's, minus the `kubeproxy_` prefix (added by the
@@ -195,6 +201,21 @@ impl Metrics {
             "Entries over maximum entries of a BPF map (0..1)",
             map_fill_ratio.clone(),
         );
+        registry.register(
+            "snat_ports_used_max",
+            "SNAT ports held by live flows for the busiest (node address, backend, protocol), at the last count; new flows to it drop (drop_snat_exhausted) when it reaches nodeport_snat_ports",
+            snat_ports_used_max.clone(),
+        );
+        registry.register(
+            "snat_ports",
+            "Size of the SNAT port range (--snat-ports): concurrent flows per (node address, backend, protocol)",
+            snat_ports.clone(),
+        );
+        registry.register(
+            "table_count_duration_seconds",
+            "Time the last periodic count of the connection-tracking tables took",
+            table_count_duration.clone(),
+        );
         registry.register_collector(Box::new(dataplane.clone()));
 
         Self {
@@ -212,6 +233,9 @@ impl Metrics {
             map_entries,
             map_capacity,
             map_fill_ratio,
+            snat_ports_used_max,
+            snat_ports,
+            table_count_duration,
             dataplane,
         }
     }
@@ -272,6 +296,25 @@ impl Metrics {
         self.map_fill_ratio.get_or_create(&labels).set(ratio);
     }
 
+    /// The result of a periodic [`count_tables`]: fill of the connection-tracking tables and the
+    /// SNAT pressure.
+    pub fn set_table_pressure(&self, p: &TablePressure) {
+        self.set_map_fill(
+            nodeport_common::map_names::CONNTRACK,
+            p.conntrack_entries,
+            p.conntrack_capacity,
+        );
+        self.set_map_fill(
+            nodeport_common::map_names::REV_NAT,
+            p.rev_nat_entries,
+            p.rev_nat_capacity,
+        );
+        self.snat_ports_used_max
+            .set(saturating_i64(p.snat_ports_used_max));
+        self.snat_ports.set(saturating_i64(p.snat_ports));
+        self.table_count_duration.set(p.took.as_secs_f64());
+    }
+
     /// Installs the function that reads the dataplane's counters; it runs on every scrape.
     /// Without one, the dataplane families are absent.
     pub fn set_dataplane_source(&self, f: Box<dyn Fn() -> DataplaneSnapshot + Send + Sync>) {
@@ -308,6 +351,99 @@ impl Metrics {
             .expect("encoding metrics into a String");
         out
     }
+}
+
+/// How full the connection-tracking tables are, and how close the busiest SNAT port range is to
+/// exhaustion.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TablePressure {
+    pub conntrack_entries: u64,
+    /// The pinned map's real `max_entries` (`--conntrack-entries`), not the object's default.
+    pub conntrack_capacity: u64,
+    pub rev_nat_entries: u64,
+    pub rev_nat_capacity: u64,
+    /// Live (unexpired) source-NATed flows of the busiest (node address, backend address,
+    /// backend port, protocol): each holds one port of the range.
+    pub snat_ports_used_max: u64,
+    pub snat_ports: u64,
+    pub took: Duration,
+}
+
+/// Counts the pinned connection-tracking tables in `dir`. Walking an LRU map from userspace
+/// costs a syscall or two per entry (the kernel exposes no element count to userspace), so this
+/// runs periodically on a blocking thread, never per scrape (its cost is measured in
+/// docs/RELIABILITY.md and exported as `table_count_duration_seconds`).
+pub fn count_tables(dir: &std::path::Path, now_ns: u64) -> Result<TablePressure, crate::Error> {
+    use std::collections::HashMap;
+
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use nodeport_common::{CT_SNAT, CtEntry, FlowKey, RevNat, map_names};
+
+    let started = std::time::Instant::now();
+    let map_err = |name: &str| {
+        let name = name.to_owned();
+        move |source| crate::Error::Map {
+            name: name.clone(),
+            source,
+        }
+    };
+    let open = |name: &str| -> Result<Map, crate::Error> {
+        let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+        Map::from_map_data(data).map_err(map_err(name))
+    };
+    let cfg = crate::tables::ServiceTables::open(dir)?.config()?;
+    let conntrack_capacity = crate::loader::pinned_max_entries(dir, map_names::CONNTRACK)?;
+    let rev_nat_capacity = crate::loader::pinned_max_entries(dir, map_names::REV_NAT)?;
+
+    // The programs insert and the LRU evicts while we walk: an entry can vanish between
+    // get_next_key and the lookup (skipped), and when the key we stand on is evicted the kernel
+    // restarts the walk from the first bucket. The walk is bounded to twice the capacity, and
+    // the counts to the capacity, so churn can neither hang nor inflate it.
+    let conntrack: BpfHashMap<MapData, FlowKey, CtEntry> =
+        open(map_names::CONNTRACK)?
+            .try_into()
+            .map_err(map_err(map_names::CONNTRACK))?;
+    let mut conntrack_entries = 0u64;
+    let mut per_pair: HashMap<(u32, u32, u16, u8), u64> = HashMap::new();
+    for (key, ct) in conntrack
+        .iter()
+        .take(2 * conntrack_capacity as usize)
+        .flatten()
+    {
+        conntrack_entries += 1;
+        if ct.flags & CT_SNAT != 0 && ct.expires_ns > now_ns {
+            *per_pair
+                .entry((ct.nat_addr, ct.backend_addr, ct.backend_port, key.proto))
+                .or_default() += 1;
+        }
+    }
+    let rev_nat: BpfHashMap<MapData, FlowKey, RevNat> = open(map_names::REV_NAT)?
+        .try_into()
+        .map_err(map_err(map_names::REV_NAT))?;
+    let rev_nat_entries = rev_nat
+        .keys()
+        .take(2 * rev_nat_capacity as usize)
+        .flatten()
+        .count() as u64;
+    let snat_ports = if cfg.snat_port_min == 0 || cfg.snat_port_max < cfg.snat_port_min {
+        0
+    } else {
+        u64::from(cfg.snat_port_max - cfg.snat_port_min) + 1
+    };
+    Ok(TablePressure {
+        conntrack_entries: conntrack_entries.min(u64::from(conntrack_capacity)),
+        conntrack_capacity: u64::from(conntrack_capacity),
+        rev_nat_entries: rev_nat_entries.min(u64::from(rev_nat_capacity)),
+        rev_nat_capacity: u64::from(rev_nat_capacity),
+        snat_ports_used_max: per_pair
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .min(snat_ports),
+        snat_ports,
+        took: started.elapsed(),
+    })
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
@@ -463,6 +599,34 @@ mod tests {
             "nodeport_service_packets_total{node_port=\"30080\",protocol=\"TCP\",service=\"default/web\"} 7",
             "nodeport_service_bytes_total{node_port=\"30080\",protocol=\"TCP\",service=\"default/web\"} 700",
             "# EOF",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn table_pressure_is_exported() {
+        let m = Metrics::new();
+        m.set_table_pressure(&TablePressure {
+            conntrack_entries: 4000,
+            conntrack_capacity: 4096,
+            rev_nat_entries: 3999,
+            rev_nat_capacity: 4096,
+            snat_ports_used_max: 64,
+            snat_ports: 64,
+            took: Duration::from_millis(25),
+        });
+        let text = m.encode();
+        for line in [
+            "nodeport_map_entries{map=\"np_ct4\"} 4000",
+            "nodeport_map_capacity{map=\"np_ct4\"} 4096",
+            "nodeport_map_entries{map=\"np_rnat4\"} 3999",
+            "nodeport_snat_ports_used_max 64",
+            "nodeport_snat_ports 64",
+            "nodeport_table_count_duration_seconds 0.025",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

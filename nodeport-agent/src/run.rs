@@ -66,12 +66,30 @@ pub struct RunConfig {
     /// Shortest time between two syncs: changes arriving meanwhile are batched.
     pub min_sync_period: Duration,
     pub conntrack: Config,
+    /// Sizes of the connection-tracking tables (`--conntrack-entries`, `--rev-nat-entries`).
+    pub table_sizes: crate::loader::TableSizes,
 }
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let layout = PinLayout::new(&cfg.pin_root);
-    let mut dataplane = Dataplane::load(&layout).context("loading the dataplane")?;
+    let sizes = cfg.table_sizes;
+    let mut dataplane = Dataplane::load_sized(&layout, &sizes).map_err(|e| {
+        let hint = if crate::loader::TableSizes::is_size_mismatch(&e) {
+            format!(
+                " with --conntrack-entries {} --rev-nat-entries {}: the maps pinned under {} were \
+                 created with another size and keep it; pass their size, or stop the agent and run \
+                 `nodeport-agent unload --pin-root {}` first (tracked connections are lost)",
+                sizes.conntrack,
+                sizes.rev_nat,
+                layout.dir().display(),
+                layout.root().display()
+            )
+        } else {
+            String::new()
+        };
+        anyhow::Error::new(e).context(format!("loading the dataplane{hint}"))
+    })?;
     let plan = AttachPlan {
         ingress: cfg.ingress,
         egress: true,
@@ -148,6 +166,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut sweep = tokio::time::interval(Duration::from_secs(10));
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut waiting_logged = false;
+    let mut counting: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let debounce = async {
             match pending {
@@ -186,6 +205,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     Ok(0) => {}
                     Ok(n) => info!(flows = n, "swept expired connections"),
                     Err(e) => warn!(error = %e, "sweeping expired connections"),
+                }
+                // Counting walks the whole tables: on a blocking thread, one count at a time.
+                if counting.as_ref().is_none_or(|h| h.is_finished()) {
+                    let (dir, metrics) = (layout.dir(), metrics.clone());
+                    counting = Some(tokio::task::spawn_blocking(move || {
+                        match crate::metrics::count_tables(&dir, monotonic_ns()) {
+                            Ok(p) => metrics.set_table_pressure(&p),
+                            Err(e) => warn!(error = %e, "counting the connection-tracking tables"),
+                        }
+                    }));
                 }
                 continue;
             }
@@ -258,11 +287,20 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 })
                 .collect();
         }
-        if let Ok(s) = inspect::status(syncer.tables(), &Stats::default()) {
-            for m in &s.maps {
-                metrics.set_map_fill(m.map, m.entries as u64, u64::from(m.capacity));
-            }
-        }
+        // The small service maps from what the syncer wrote; the connection-tracking tables are
+        // counted periodically (count_tables at the sweep), walking them at every sync would
+        // delay syncs by the size of the tables.
+        let current = syncer.current();
+        metrics.set_map_fill(
+            nodeport_common::map_names::FRONTENDS,
+            current.services.len() as u64,
+            u64::from(nodeport_common::capacity::FRONTENDS),
+        );
+        metrics.set_map_fill(
+            nodeport_common::map_names::BACKENDS,
+            current.backends.len() as u64,
+            u64::from(nodeport_common::capacity::BACKENDS),
+        );
         if report.writes > 0 || full {
             info!(
                 writes = report.writes,

@@ -57,6 +57,10 @@ pub struct Config {
     pub echo: PathBuf,
     /// Worker nodes besides the control plane.
     pub workers: u8,
+    /// Extra arguments for every node's `nodeport-agent run` (e.g. `--conntrack-entries 4096`),
+    /// after the lab's own.
+    #[serde(default)]
+    pub agent_args: Vec<String>,
 }
 
 impl Config {
@@ -68,6 +72,7 @@ impl Config {
             agent,
             echo,
             workers: 2,
+            agent_args: Vec::new(),
         }
     }
 
@@ -449,7 +454,8 @@ impl Lab {
                 .arg("--pin-root")
                 .arg(c.pin_root(&n.name))
                 .args(["--healthz-bind-address", "0.0.0.0:10256"])
-                .args(["--min-sync-period-ms", "50"]);
+                .args(["--min-sync-period-ms", "50"])
+                .args(&c.agent_args);
             let pid = sys::spawn_in_netns(&n.name, &mut cmd, &c.agent_log(&n.name))?;
             std::fs::write(&pid_file, format!("{pid}\n"))?;
         }
