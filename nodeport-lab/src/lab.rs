@@ -453,9 +453,14 @@ impl Lab {
                 .arg(c.manifests_dir())
                 .arg("--pin-root")
                 .arg(c.pin_root(&n.name))
-                .args(["--healthz-bind-address", "0.0.0.0:10256"])
                 .args(["--min-sync-period-ms", "50"])
                 .args(&c.agent_args);
+            // kube-proxy's default port on every address, unless the test asks for another
+            // (clap refuses an option given twice).
+            let own_healthz = c.agent_args.iter().any(|a| a.starts_with("--healthz-bind"));
+            if !own_healthz {
+                cmd.args(["--healthz-bind-address", "0.0.0.0:10256"]);
+            }
             let pid = sys::spawn_in_netns(&n.name, &mut cmd, &c.agent_log(&n.name))?;
             std::fs::write(&pid_file, format!("{pid}\n"))?;
         }

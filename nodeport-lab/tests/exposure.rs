@@ -1,0 +1,411 @@
+//! Exposure, in the lab: a nodePort answers only on the node's nodePort addresses (the Node's
+//! InternalIP/ExternalIP, narrowed by `--nodeport-addresses`), never on its other addresses
+//! (loopback, the pod-facing gateway, an extra address on its interface) or from the node and
+//! its pods themselves; the health and metrics listener binds where `--healthz-bind-address`
+//! says. What this promises, and how it compares with kube-proxy, is in docs/RELIABILITY.md
+//! ("Exposure").
+//!
+//! Each test brings up its own lab (prefix `npex<pid>-<n>`) and tears it down in a Drop guard.
+//! They need root and fail (never skip) without it.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use nodeport_lab::{Config, Lab, down, lab::http_get, sys};
+
+const ECHO: &str = env!("CARGO_BIN_EXE_nodeport-echo");
+const PREFIX: &str = "npex";
+const T: Duration = Duration::from_secs(2);
+const NODE_PORT: u16 = 30310;
+/// kube-proxy's healthz port, `0x2810` in /proc/net/tcp.
+const HEALTHZ_PORT: u16 = 10256;
+
+/// The agent binary cargo built beside this test (target/<profile>/nodeport-agent).
+fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("NODEPORT_AGENT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("nodeport-agent");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (`cargo build -p nodeport-agent`) or run `cargo test \
+         --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the exposure tests need root (network namespaces, BPF)"
+    );
+}
+
+/// Removes labs of earlier runs of this binary that died before their guards ran.
+fn sweep_stale() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut prefixes = BTreeSet::new();
+        let names = sys::netns_list().into_iter().chain(
+            std::fs::read_dir(nodeport_lab::STATE_ROOT)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned()),
+        );
+        for name in names {
+            let Some(rest) = name.strip_prefix(PREFIX) else {
+                continue;
+            };
+            let mut parts = rest.splitn(3, '-');
+            let (Some(pid), Some(n)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok_and(|p| p != std::process::id())
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                prefixes.insert(format!("{PREFIX}{pid}-{n}"));
+            }
+        }
+        for prefix in prefixes {
+            let _ = down(&Config::new(
+                &prefix,
+                PathBuf::new(),
+                agent_binary(),
+                ECHO.into(),
+            ));
+        }
+    });
+}
+
+/// A lab for one test, torn down on drop (also when the test fails).
+struct TestLab {
+    lab: Lab,
+    cfg: Config,
+    work: PathBuf,
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        if let Err(e) = down(&self.cfg) {
+            eprintln!("cleanup: {e:#}");
+        }
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+/// `web` on the worker, a NodePort Service for it.
+const WORKLOAD: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      nodeSelector: {nodeport-lab/node: worker}
+      containers:
+      - name: web
+        image: nodeport-echo
+        ports: [{containerPort: 8080, name: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http, nodePort: 30310}
+"#;
+
+fn lab_up(agent_args: &[&str]) -> TestLab {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    require_root();
+    sweep_stale();
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let prefix = format!("{PREFIX}{}-{n}", std::process::id());
+    let work = std::env::temp_dir().join(format!("nodeport-exposure-{prefix}"));
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("workload.yaml"), WORKLOAD).unwrap();
+    let mut cfg = Config::new(&prefix, work.clone(), agent_binary(), ECHO.into());
+    cfg.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
+    let lab = match nodeport_lab::up(cfg.clone()) {
+        Ok(lab) => lab,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            panic!("lab up: {e:#}");
+        }
+    };
+    TestLab { lab, cfg, work }
+}
+
+/// How a connection attempt to a nodePort ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The echo pod answered (the packet was translated).
+    Answered,
+    /// Nothing listens there: the node's own stack reset the connection (not translated).
+    Refused,
+    Other(String),
+}
+
+fn attempt(addr: Ipv4Addr, port: u16) -> Outcome {
+    match http_get(addr, port, T) {
+        Ok(_) => Outcome::Answered,
+        Err(e) => match e
+            .root_cause()
+            .downcast_ref::<std::io::Error>()
+            .map(|e| e.kind())
+        {
+            Some(ErrorKind::ConnectionRefused) => Outcome::Refused,
+            _ => Outcome::Other(format!("{e:#}")),
+        },
+    }
+}
+
+impl TestLab {
+    fn node(&self, suffix: &str) -> (String, Ipv4Addr) {
+        let n = self
+            .lab
+            .nodes()
+            .into_iter()
+            .find(|n| n.name == format!("{}-{suffix}", self.cfg.prefix))
+            .unwrap_or_else(|| panic!("no node {suffix}"));
+        (n.name, n.addr)
+    }
+
+    /// A connection attempt from inside namespace `ns`.
+    fn attempt_in(&self, ns: &str, addr: Ipv4Addr) -> Outcome {
+        sys::in_netns(ns, || attempt(addr, NODE_PORT)).unwrap()
+    }
+
+    /// The dataplane's packet counters of a node, by reason (`nodeport-agent stats`).
+    fn counters(&self, node: &str) -> BTreeMap<String, u64> {
+        let root = self.cfg.pin_root(node);
+        let text = sys::run(
+            self.cfg.agent.to_str().unwrap(),
+            &["stats", "--pin-root", root.to_str().unwrap()],
+        )
+        .unwrap();
+        text.lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn translated(&self, node: &str) -> u64 {
+        let c = self.counters(node);
+        ["new_flow", "established", "reply", "reselected"]
+            .iter()
+            .map(|k| c.get(*k).copied().unwrap_or(0))
+            .sum()
+    }
+
+    /// `nodeport-agent list addresses` of a node: the addresses its dataplane serves.
+    fn served_addresses(&self, node: &str) -> Vec<String> {
+        let json = self.lab.agent_list(node, "addresses", true).unwrap();
+        serde_json::from_str(&json).unwrap()
+    }
+
+    /// TCP listeners in a node's namespace, from its /proc/net/tcp: (address, port).
+    fn listeners(&self, node: &str) -> BTreeSet<SocketAddrV4> {
+        let text = sys::exec_in(node, &["cat", "/proc/net/tcp"]).unwrap();
+        text.lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                // st 0A is TCP_LISTEN; addresses are the kernel's u32 in host order, hex.
+                if f.get(3) != Some(&"0A") {
+                    return None;
+                }
+                let (a, p) = f.get(1)?.split_once(':')?;
+                let addr = Ipv4Addr::from(u32::from_be(u32::from_str_radix(a, 16).ok()?));
+                Some(SocketAddrV4::new(addr, u16::from_str_radix(p, 16).ok()?))
+            })
+            .collect()
+    }
+}
+
+/// `GET /healthz` (call from inside a namespace): the status code.
+fn healthz(addr: Ipv4Addr) -> std::io::Result<u16> {
+    let mut s = TcpStream::connect_timeout(&SocketAddrV4::new(addr, HEALTHZ_PORT).into(), T)?;
+    s.set_read_timeout(Some(T))?;
+    write!(
+        s,
+        "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0))
+}
+
+#[test]
+fn node_ports_answer_only_on_the_node_addresses() {
+    let t = lab_up(&[]);
+    let (worker, w_addr) = t.node("worker");
+    let (_, cp_addr) = t.node("control-plane");
+    let (_, w2_addr) = t.node("worker2");
+    let gateway = t.lab.node(&worker).unwrap().gateway();
+    let pod = t.lab.pods()[0].clone();
+    assert_eq!(pod.node, worker);
+
+    // The configured addresses answer: every node's InternalIP, from the client.
+    for addr in [cp_addr, w_addr, w2_addr] {
+        assert_eq!(
+            t.lab.in_client(|| attempt(addr, NODE_PORT)).unwrap(),
+            Outcome::Answered,
+            "{addr}:{NODE_PORT} from the client"
+        );
+    }
+    assert_eq!(t.served_addresses(&worker), [w_addr.to_string()]);
+
+    // Every other address of the worker, through its interface (so through the dataplane):
+    // an extra address on eth0 that the Node object does not list, and the pod-facing gateway
+    // (the client routes the pod CIDR via the worker, as a router next to the node could).
+    let extra = Ipv4Addr::new(198, 18, 0, 53);
+    sys::ip_in(
+        &worker,
+        &["addr", "add", &format!("{extra}/24"), "dev", "eth0"],
+    )
+    .unwrap();
+    sys::ip_in(
+        &t.cfg.client_ns(),
+        &["route", "add", "10.244.1.0/24", "via", &w_addr.to_string()],
+    )
+    .unwrap();
+    let before = t.translated(&worker);
+    let passed_before = t.counters(&worker)["pass_not_nodeport"];
+    for addr in [extra, gateway] {
+        assert_eq!(
+            t.lab.in_client(|| attempt(addr, NODE_PORT)).unwrap(),
+            Outcome::Refused,
+            "{addr}:{NODE_PORT} from the client must not be translated"
+        );
+    }
+    // From the node itself (loopback, its own address, the gateway) and from its pod (the
+    // gateway, the node's address): locally sent packets never cross the interface's ingress
+    // hook, so nothing is translated and the node's stack refuses.
+    for addr in [Ipv4Addr::LOCALHOST, w_addr, gateway] {
+        assert_eq!(
+            t.attempt_in(&worker, addr),
+            Outcome::Refused,
+            "{addr}:{NODE_PORT} from inside {worker}"
+        );
+    }
+    let pod_ns = t.cfg.pod_ns(&pod.name);
+    for addr in [gateway, w_addr] {
+        assert_eq!(
+            t.attempt_in(&pod_ns, addr),
+            Outcome::Refused,
+            "{addr}:{NODE_PORT} from pod {}",
+            pod.name
+        );
+    }
+    assert_eq!(
+        t.translated(&worker),
+        before,
+        "the worker translated a packet to an address that is not a nodePort address"
+    );
+    // The client's SYNs did reach the dataplane and were passed: counted, untouched. (The
+    // node's and the pod's own attempts never crossed eth0's ingress.)
+    let passed = t.counters(&worker)["pass_not_nodeport"] - passed_before;
+    assert!(passed >= 2, "pass_not_nodeport grew by {passed}");
+
+    // Positive control: a pod reaches another node's nodePort (out of its node's interface,
+    // into the other node's), answered by itself through that node.
+    let a = sys::in_netns(&pod_ns, || http_get(w2_addr, NODE_PORT, T))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("pod -> {w2_addr}:{NODE_PORT}: {e:#}"));
+    assert_eq!(a.client, w2_addr.to_string(), "{a:?}");
+
+    // The health and metrics listener: the lab's --healthz-bind-address 0.0.0.0:10256 (the
+    // default) is a wildcard listener, reachable on the node's address.
+    let listeners = t.listeners(&worker);
+    assert!(
+        listeners.contains(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, HEALTHZ_PORT)),
+        "{listeners:?}"
+    );
+    assert_eq!(t.lab.in_client(|| healthz(w_addr).unwrap()).unwrap(), 200);
+    eprintln!("{worker} listens on {listeners:?}");
+}
+
+#[test]
+fn nodeport_addresses_and_healthz_bind_address_restrict_exposure() {
+    // Only the worker's address is a nodePort address; the listener binds loopback only.
+    let t = lab_up(&[
+        "--nodeport-addresses",
+        "198.18.0.3/32",
+        "--healthz-bind-address",
+        "127.0.0.1:10256",
+    ]);
+    let (worker, w_addr) = t.node("worker");
+    let (cp, cp_addr) = t.node("control-plane");
+    let (w2, w2_addr) = t.node("worker2");
+    assert_eq!(w_addr, Ipv4Addr::new(198, 18, 0, 3));
+
+    assert_eq!(t.served_addresses(&worker), [w_addr.to_string()]);
+    for node in [&cp, &w2] {
+        assert_eq!(t.served_addresses(node), Vec::<String>::new(), "{node}");
+    }
+    assert_eq!(
+        t.lab.in_client(|| attempt(w_addr, NODE_PORT)).unwrap(),
+        Outcome::Answered
+    );
+    // The other nodes' only addresses are outside --nodeport-addresses: not translated, so their
+    // stacks refuse (they serve the same nodePort with the flag off, in the test above).
+    for (node, addr) in [(&cp, cp_addr), (&w2, w2_addr)] {
+        let before = t.translated(node);
+        assert_eq!(
+            t.lab.in_client(|| attempt(addr, NODE_PORT)).unwrap(),
+            Outcome::Refused,
+            "{addr}:{NODE_PORT} is outside --nodeport-addresses"
+        );
+        assert_eq!(t.translated(node), before, "{node} translated");
+    }
+
+    // The listener is on loopback only: /proc/net/tcp, and by connecting.
+    for node in [&worker, &cp, &w2] {
+        let listeners = t.listeners(node);
+        let on_port: Vec<_> = listeners
+            .iter()
+            .filter(|s| s.port() == HEALTHZ_PORT)
+            .collect();
+        assert_eq!(
+            on_port,
+            [&SocketAddrV4::new(Ipv4Addr::LOCALHOST, HEALTHZ_PORT)],
+            "{node}"
+        );
+        assert_eq!(
+            sys::in_netns(node, || healthz(Ipv4Addr::LOCALHOST).unwrap()).unwrap(),
+            200,
+            "{node}"
+        );
+    }
+    let refused = t
+        .lab
+        .in_client(|| healthz(w_addr).map_err(|e| e.kind()))
+        .unwrap();
+    assert_eq!(refused, Err(ErrorKind::ConnectionRefused));
+}
