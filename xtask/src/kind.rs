@@ -144,12 +144,42 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
     let kubectl = Kubectl {
         context: format!("kind-{name}"),
     };
+    preflight(args.action, &name, &kubectl)?;
     match args.action {
         Action::Up => up(root, &name),
         Action::Deploy => deploy(root, &name, &kubectl, timeout),
         Action::E2e => e2e(root, &kubectl, timeout),
         Action::Down => run_cmd(Command::new("kind").args(["delete", "cluster", "--name", &name])),
     }
+}
+
+/// What must hold before an action starts, each failure saying what to do: the Docker daemon
+/// answers (the CLI alone is not enough), and for `deploy` and `e2e` the cluster exists.
+fn preflight(action: Action, name: &str, kubectl: &Kubectl) -> anyhow::Result<()> {
+    if action.tools().contains(&DOCKER) {
+        output(Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"])).map_err(
+            |e| {
+                anyhow::anyhow!(
+                    "docker is installed but its daemon does not answer ({e:#}): start it \
+                     (e.g. `systemctl start docker`) or check DOCKER_HOST and your access to its socket"
+                )
+            },
+        )?;
+    }
+    if matches!(action, Action::Deploy | Action::E2e) {
+        output(
+            kubectl
+                .cmd()
+                .args(["config", "get-contexts", &kubectl.context]),
+        )
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no kubectl context {} (no kind cluster {name}?): run `cargo xtask kind up` first",
+                kubectl.context
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn up(root: &Path, name: &str) -> anyhow::Result<()> {
