@@ -7,8 +7,8 @@
 //!   deploy/kind/`, a rollout restart (the tag does not change between builds) and waits for it.
 //! - `e2e`: applies deploy/kind/example/podinfo.yaml and, as the podinfo walkthrough's
 //!   connectivity check, requests every node at the nodePort, from the host through the
-//!   extraPortMappings and from inside the cluster (`docker exec` into a node, every node's
-//!   InternalIP); any miss fails. Nothing else serves nodePorts in this cluster, so an answer is
+//!   extraPortMappings and from inside the cluster (`docker exec` into another node, every
+//!   node's InternalIP); any miss fails. Nothing else serves nodePorts in this cluster, so an answer is
 //!   the agent's dataplane at work.
 //! - `down`: `kind delete cluster`.
 //!
@@ -291,11 +291,17 @@ fn e2e(root: &Path, kubectl: &Kubectl, timeout: Duration) -> anyhow::Result<()> 
             host,
         });
     }
-    ensure!(!targets.is_empty(), "no nodes");
-    let from = targets[0].node.clone();
+    ensure!(
+        targets.len() >= 2,
+        "expected several nodes, got {targets:?}"
+    );
 
     let mut misses = Vec::new();
-    for t in &targets {
+    for (i, t) in targets.iter().enumerate() {
+        // From the next node: a connection a node opens to its own address leaves through `lo`,
+        // where no program is attached (kube-proxy's OUTPUT-chain rules have no counterpart in
+        // an XDP/TC dataplane), so every node is checked from a neighbour, as a client would.
+        let from = targets[(i + 1) % targets.len()].node.clone();
         let url = format!("http://{}:{node_port}/", t.internal_ip);
         let inside = retry(timeout, || {
             let code = output(Command::new("docker").args([
