@@ -441,30 +441,44 @@ impl Lab {
     fn ensure_agents(&self) -> anyhow::Result<()> {
         let c = &self.state.config;
         for n in c.nodes() {
-            let pid_file = c.agents_dir().join(format!("{}.pid", n.name));
-            if sys::read_pid(&pid_file)
-                .is_some_and(|p| sys::alive(p) && sys::runs(p, "nodeport-agent"))
-            {
-                continue;
+            if self.agent_pid(&n.name).is_none() {
+                self.start_agent(&n.name, &c.agent)?;
             }
-            let mut cmd = Command::new(&c.agent);
-            cmd.args(["run", "--node-name", &n.name, "--interfaces", "eth0"])
-                .arg("--manifests")
-                .arg(c.manifests_dir())
-                .arg("--pin-root")
-                .arg(c.pin_root(&n.name))
-                .args(["--min-sync-period-ms", "50"])
-                .args(&c.agent_args);
-            // kube-proxy's default port on every address, unless the test asks for another
-            // (clap refuses an option given twice).
-            let own_healthz = c.agent_args.iter().any(|a| a.starts_with("--healthz-bind"));
-            if !own_healthz {
-                cmd.args(["--healthz-bind-address", "0.0.0.0:10256"]);
-            }
-            let pid = sys::spawn_in_netns(&n.name, &mut cmd, &c.agent_log(&n.name))?;
-            std::fs::write(&pid_file, format!("{pid}\n"))?;
         }
         Ok(())
+    }
+
+    /// The pid of `node`'s running agent (from its pid file, checked to run nodeport-agent).
+    pub fn agent_pid(&self, node: &str) -> Option<i32> {
+        let pid_file = self.state.config.agents_dir().join(format!("{node}.pid"));
+        sys::read_pid(&pid_file).filter(|p| sys::alive(*p) && sys::runs(*p, "nodeport-agent"))
+    }
+
+    /// Starts `node`'s agent from `binary` with the lab's arguments (as a DaemonSet would start
+    /// a new image with the same spec) and records its pid. The file name must be
+    /// `nodeport-agent`: pid files are only trusted for processes of that name.
+    pub fn start_agent(&self, node: &str, binary: &std::path::Path) -> anyhow::Result<i32> {
+        let c = &self.state.config;
+        let mut cmd = Command::new(binary);
+        cmd.args(["run", "--node-name", node, "--interfaces", "eth0"])
+            .arg("--manifests")
+            .arg(c.manifests_dir())
+            .arg("--pin-root")
+            .arg(c.pin_root(node))
+            .args(["--min-sync-period-ms", "50"])
+            .args(&c.agent_args);
+        // kube-proxy's default port on every address, unless the test asks for another
+        // (clap refuses an option given twice).
+        let own_healthz = c.agent_args.iter().any(|a| a.starts_with("--healthz-bind"));
+        if !own_healthz {
+            cmd.args(["--healthz-bind-address", "0.0.0.0:10256"]);
+        }
+        let pid = sys::spawn_in_netns(node, &mut cmd, &c.agent_log(node))?;
+        std::fs::write(
+            c.agents_dir().join(format!("{node}.pid")),
+            format!("{pid}\n"),
+        )?;
+        Ok(pid)
     }
 
     fn templates(
@@ -738,6 +752,78 @@ impl Lab {
         for ext in ["pid", "ready", "log"] {
             let _ = std::fs::remove_file(c.pods_dir().join(format!("{name}.{ext}")));
         }
+    }
+
+    /// Adds one pod of Deployment `namespace/deployment` now, on the node that fits with the
+    /// fewest of its pods, and rewrites the slices once it serves; does not wait for the agents.
+    /// For churn faster than `apply` (which waits for every agent at each step).
+    pub fn add_pod(&mut self, namespace: &str, deployment: &str) -> anyhow::Result<Pod> {
+        let (templates, _) = self.templates()?;
+        let t = templates
+            .into_iter()
+            .find(|t| t.namespace == namespace && t.deployment == deployment)
+            .with_context(|| format!("no Deployment {namespace}/{deployment} in the workloads"))?;
+        let node = self
+            .nodes()
+            .into_iter()
+            .filter(|n| t.fits(n))
+            .min_by_key(|n| {
+                let pods = self.state.pods.iter().filter(|p| p.node == n.name);
+                pods.filter(|p| p.deployment == deployment && !p.terminating)
+                    .count()
+            })
+            .with_context(|| format!("no node fits {namespace}/{deployment}"))?;
+        let pod = self.create_pod(&t, &node.name)?;
+        let ready = self.ready_file(&pod.name);
+        wait_until(Duration::from_secs(10), || ready.exists())
+            .with_context(|| format!("pod {} never served", pod.name))?;
+        self.write_manifests()?;
+        Ok(pod)
+    }
+
+    /// Graceful deletion's first step: the pod's endpoint becomes terminating in the slices (no
+    /// new connections), the pod keeps serving. Does not wait for the agents.
+    pub fn mark_terminating(&mut self, pod: &str) -> anyhow::Result<()> {
+        let p = self
+            .state
+            .pods
+            .iter_mut()
+            .find(|p| p.name == pod)
+            .with_context(|| format!("no pod {pod}"))?;
+        p.terminating = true;
+        self.save()?;
+        self.write_manifests()
+    }
+
+    /// Deletes a pod now (its server, veth and namespace) and rewrites the slices without it;
+    /// does not wait for the agents.
+    pub fn delete_pod_now(&mut self, pod: &str) -> anyhow::Result<()> {
+        let p = self
+            .state
+            .pods
+            .iter()
+            .find(|p| p.name == pod)
+            .with_context(|| format!("no pod {pod}"))?
+            .clone();
+        self.delete_pod(&p);
+        self.state.pods.retain(|p| p.name != pod);
+        self.save()?;
+        self.write_manifests()
+    }
+
+    /// Deletes a pod as a lost sandbox would go: its veth first, so nothing it sends on the way
+    /// out (FIN, RST) reaches anyone, then its server and namespace; rewrites the slices without
+    /// it; does not wait for the agents.
+    pub fn cut_pod_now(&mut self, pod: &str) -> anyhow::Result<()> {
+        let p = self
+            .state
+            .pods
+            .iter()
+            .find(|p| p.name == pod)
+            .with_context(|| format!("no pod {pod}"))?
+            .clone();
+        sys::ip_in(&p.node, &["link", "del", &p.host_if])?;
+        self.delete_pod_now(pod)
     }
 
     /// Writes the Node objects and, per Service, the Service and its EndpointSlices into the

@@ -8,9 +8,12 @@
 //!   placement, the EndpointSlices the EndpointSlice controller would write, and what each
 //!   node's maps must then hold.
 //! - [`report`]: what `cargo xtask lab` prints.
+//! - [`load`]: long-lived and new connections from the client namespace, and the reliability
+//!   scenarios (agent restarts and upgrades, backend churn) that run under it.
 //! - The `nodeport-echo` binary is the pods' server (HTTP and UDP, answers JSON naming the node,
 //!   the pod, its address and the client address it saw).
 pub mod lab;
+pub mod load;
 pub mod report;
 pub mod sys;
 pub mod workload;
