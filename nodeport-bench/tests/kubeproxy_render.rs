@@ -697,8 +697,7 @@ fn ten_thousand_services_render_fast_with_expected_rule_counts() {
     );
     let last_services_rule = ipt
         .lines()
-        .filter(|l| l.starts_with("-A KUBE-SERVICES "))
-        .last()
+        .rfind(|l| l.starts_with("-A KUBE-SERVICES "))
         .unwrap();
     assert!(
         last_services_rule.ends_with("-d 172.18.0.2 -j KUBE-NODEPORTS"),
