@@ -305,6 +305,7 @@ pub fn node_addresses(
         return BTreeSet::new();
     };
     let mut out = BTreeSet::new();
+    let mut ipv4 = false;
     let addresses = node.status.as_ref().and_then(|s| s.addresses.as_deref());
     for a in addresses.unwrap_or_default() {
         if a.type_ != "InternalIP" && a.type_ != "ExternalIP" {
@@ -312,6 +313,7 @@ pub fn node_addresses(
         }
         match a.address.parse::<IpAddr>() {
             Ok(IpAddr::V4(ip)) => {
+                ipv4 = true;
                 if cfg.nodeport_cidrs.is_empty()
                     || cfg.nodeport_cidrs.iter().any(|c| c.contains(&ip))
                 {
@@ -325,6 +327,14 @@ pub fn node_addresses(
                 format!("{} {:?} is not an IP address; ignored", a.type_, a.address),
             )),
         }
+    }
+    // Not an error in a dual-stack cluster, but an IPv6-only (or address-less) Node leaves this
+    // IPv4 dataplane nothing to match: say so rather than silently serving nothing.
+    if !ipv4 {
+        problems.push(Problem::node(
+            &key,
+            "has no IPv4 InternalIP or ExternalIP address (IPv6 ones are not served): no nodePort is served on this node",
+        ));
     }
     out
 }
@@ -1217,6 +1227,24 @@ mod tests {
         assert!(d.services.contains_key(&tcp(30080)));
     }
 
+    #[test]
+    fn problem_node_without_ipv4_addresses() {
+        let mut s = state(vec![web("default", "web", 30080)], vec![]);
+        s.nodes.clear();
+        let n = node(
+            NODE,
+            &[("InternalIP", "fd00::2"), ("ExternalIP", "2001:db8::2")],
+        );
+        s.nodes.insert(ObjKey::of(&n), n);
+        let d = desired(&s, &cfg());
+        assert!(d.node_addrs.is_empty());
+        let p = problems_of(&d, "Node node-a");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("no IPv4 InternalIP or ExternalIP"), "{p:?}");
+        // Services are still computed: the Node may gain an IPv4 address later.
+        assert!(d.services.contains_key(&tcp(30080)));
+    }
+
     // ---- validation: one test per rule ----
 
     #[test]
@@ -1456,6 +1484,76 @@ mod tests {
         let p = problems_of(&d, "EndpointSlice default/web-1");
         assert_eq!(p.len(), 3, "{p:?}");
         assert_eq!(addrs(&d.services[&tcp(30080)]), ["10.0.0.2:8080"]);
+    }
+
+    #[test]
+    fn problem_slice_without_or_with_unknown_address_type() {
+        let mut missing = http_slice(
+            "default",
+            "web-1",
+            "web",
+            8080,
+            vec![ready("10.0.0.1", OTHER)],
+        );
+        missing.address_type = String::new();
+        let mut unknown = http_slice(
+            "default",
+            "web-2",
+            "web",
+            8080,
+            vec![ready("10.0.0.2", OTHER)],
+        );
+        unknown.address_type = "IPv5".into();
+        let mut v6 = http_slice(
+            "default",
+            "web-3",
+            "web",
+            8080,
+            vec![ready("fd00::1", OTHER)],
+        );
+        v6.address_type = "IPv6".into();
+        let good = http_slice(
+            "default",
+            "web-4",
+            "web",
+            8080,
+            vec![ready("10.0.0.4", OTHER)],
+        );
+        let d = desired(
+            &state(
+                vec![web("default", "web", 30080)],
+                vec![missing, unknown, v6, good],
+            ),
+            &cfg(),
+        );
+        assert_eq!(
+            problems_of(&d, "EndpointSlice default/web-1"),
+            ["no addressType; ignored"]
+        );
+        let p = problems_of(&d, "EndpointSlice default/web-2");
+        assert!(p.len() == 1 && p[0].contains("\"IPv5\""), "{p:?}");
+        // An IPv6 slice is not a problem: it belongs to the IPv6 dataplane.
+        assert!(problems_of(&d, "EndpointSlice default/web-3").is_empty());
+        assert_eq!(addrs(&d.services[&tcp(30080)]), ["10.0.0.4:8080"]);
+    }
+
+    #[test]
+    fn problem_service_port_number_missing_or_out_of_range() {
+        let mut missing = port("a", "TCP", Some(30001));
+        missing.port = 0;
+        let mut too_big = port("b", "TCP", Some(30002));
+        too_big.port = 70000;
+        let svc = service(
+            "default",
+            "bad-ports",
+            vec![missing, too_big, port("c", "TCP", Some(30003))],
+        );
+        let d = desired(&state(vec![svc], vec![]), &cfg());
+        let p = problems_of(&d, "Service default/bad-ports");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("port 0 is not in 1-65535"), "{p:?}");
+        assert!(p[1].contains("port 70000 is not in 1-65535"), "{p:?}");
+        assert_eq!(d.services.keys().copied().collect::<Vec<_>>(), [tcp(30003)]);
     }
 
     #[test]

@@ -53,7 +53,8 @@ pub struct SliceData {
 ///   are skipped silently (kube-proxy's informers exclude them with a label selector,
 ///   cmd/kube-proxy/app/server.go);
 /// - only `addressType: IPv4` slices are read; IPv6 slices belong to the (later) IPv6 maps and
-///   FQDN slices are ignored by kube-proxy (metaproxier dispatches by address type);
+///   FQDN slices are ignored by kube-proxy (metaproxier dispatches by address type); a missing or
+///   unknown address type is a Problem (the apiserver rejects it);
 /// - a slice without the service-name label is a Problem and ignored (`endpointSliceCacheKeys`);
 /// - ports: a missing or 0 port number is a Problem and that port ignored (kube-proxy logs
 ///   "Ignoring invalid endpoint port"); a nil name or protocol gets the apiserver's default ("",
@@ -89,8 +90,22 @@ fn slice_data(
     if label(LABEL_SERVICE_PROXY_NAME).is_some() || label(LABEL_HEADLESS).is_some() {
         return None;
     }
-    if slice.address_type != "IPv4" {
-        return None;
+    match slice.address_type.as_str() {
+        "IPv4" => {}
+        "IPv6" | "FQDN" => return None,
+        // k8s-openapi decodes a missing required field as its default, so a manifest without
+        // addressType arrives here as "" (the apiserver would have rejected it).
+        "" => {
+            problems.push(Problem::slice(key, "no addressType; ignored"));
+            return None;
+        }
+        other => {
+            problems.push(Problem::slice(
+                key,
+                format!("addressType {other:?} is not IPv4, IPv6 or FQDN; ignored"),
+            ));
+            return None;
+        }
     }
     let service = match label(LABEL_SERVICE_NAME) {
         Some(name) if !name.is_empty() => ObjKey::new(key.namespace.clone(), name.clone()),
@@ -210,7 +225,7 @@ pub struct ServiceInfo {
 /// - `sessionAffinity: ClientIP` with `sessionAffinityConfig.clientIP.timeoutSeconds`, default
 ///   10800 s; a timeout outside 1..=86400 is rejected by the apiserver, so here it is a Problem
 ///   and the service is skipped.
-/// - Each port: protocol default TCP; TCP and UDP are served, SCTP (and anything else) is a
+/// - Each port: a port number outside 1-65535 (or missing) is a Problem; protocol default TCP; TCP and UDP are served, SCTP (and anything else) is a
 ///   Problem naming the port, the other ports still served. No nodePort: skipped silently on a
 ///   LoadBalancer with `allocateLoadBalancerNodePorts: false`, otherwise a Problem (the apiserver
 ///   would have allocated one). A nodePort outside `cfg.nodeport_range` is a Problem and not
@@ -296,6 +311,18 @@ pub fn service_info(
         } else {
             format!("port {name:?} ({}/{protocol})", p.port)
         };
+        // A missing port decodes as 0 (k8s-openapi defaults missing required fields); the
+        // apiserver rejects anything outside 1-65535.
+        if !(1..=65535).contains(&p.port) {
+            problems.push(Problem::service(
+                key,
+                format!(
+                    "{describe}: port {} is not in 1-65535 (missing?); not served",
+                    p.port
+                ),
+            ));
+            continue;
+        }
         let node_port = p.node_port.unwrap_or(0);
         if node_port == 0 {
             if !(load_balancer && spec.allocate_load_balancer_node_ports == Some(false)) {

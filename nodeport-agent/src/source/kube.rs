@@ -15,23 +15,26 @@
 //! [`ENDPOINTSLICE_LABEL_SELECTOR`]. [`WATCHES`] describes every watch (resource, verbs,
 //! selectors) so RBAC rules can be derived from this code.
 
-use std::{fmt::Debug, path::Path, pin::pin};
+use std::{borrow::Cow, fmt::Debug, path::Path, pin::pin};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, Config,
     config::{InferConfigError, KubeConfigOptions, Kubeconfig, KubeconfigError},
     runtime::{WatchStreamExt as _, watcher},
 };
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::model::{Kind, Resource, SourceEvent};
+use crate::model::{Kind, ObjKey, Resource, SourceEvent};
 
 /// Services that name another proxy (`service.kubernetes.io/service-proxy-name`) are that proxy's
 /// to implement. kube-proxy's Service informer uses exactly this label selector (cmd/kube-proxy/app
@@ -187,21 +190,21 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     let [services, slices, nodes] = WATCHES;
     tokio::select! {
         () = watch(
-            Api::<Service>::all(client.clone()),
+            Api::<Decoded<Service>>::all(client.clone()),
             services.config(&node_name),
             Kind::Service,
             Resource::Service,
             &tx,
         ) => {}
         () = watch(
-            Api::<EndpointSlice>::all(client.clone()),
+            Api::<Decoded<EndpointSlice>>::all(client.clone()),
             slices.config(&node_name),
             Kind::EndpointSlice,
             Resource::EndpointSlice,
             &tx,
         ) => {}
         () = watch(
-            Api::<Node>::all(client),
+            Api::<Decoded<Node>>::all(client),
             nodes.config(&node_name),
             Kind::Node,
             Resource::Node,
@@ -211,19 +214,105 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     debug!("event receiver dropped; Kubernetes watchers stopped");
 }
 
+/// An object as listed or watched, decoded on its own: one object that does not decode (a field of
+/// the wrong type, say, from an API server newer than k8s-openapi) would otherwise fail the whole
+/// list it is in, and the watcher would retry that list forever without ever delivering the kind:
+/// no map would be written at start, and no change of that kind would reach them later. Its
+/// metadata is read as far as it can be, to name it and to follow its resourceVersion.
+#[derive(Clone, Debug)]
+pub struct Decoded<K> {
+    meta: ObjectMeta,
+    pub object: Result<K, String>,
+}
+
+impl<K> Decoded<K> {
+    /// `namespace/name` (or `name`) as far as it could be read.
+    pub fn key(&self) -> ObjKey {
+        ObjKey::new(
+            self.meta.namespace.clone().unwrap_or_default(),
+            self.meta.name.clone().unwrap_or_default(),
+        )
+    }
+}
+
+impl<K: kube::Resource<DynamicType = ()>> kube::Resource for Decoded<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        K::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        K::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.meta
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.meta
+    }
+}
+
+impl<'de, K: DeserializeOwned> Deserialize<'de> for Decoded<K> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        let field = |name: &str| {
+            value
+                .get("metadata")
+                .and_then(|m| m.get(name))
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+        };
+        let meta = ObjectMeta {
+            name: field("name"),
+            namespace: field("namespace"),
+            resource_version: field("resourceVersion"),
+            ..ObjectMeta::default()
+        };
+        let object = K::deserialize(&value).map_err(|e| e.to_string());
+        Ok(Self { meta, object })
+    }
+}
+
 /// One watcher, until `tx` is closed.
 async fn watch<K>(
-    api: Api<K>,
+    api: Api<Decoded<K>>,
     config: watcher::Config,
     kind: Kind,
     wrap: fn(K) -> Resource,
     tx: &mpsc::Sender<SourceEvent>,
 ) where
-    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + Default
+        + DeserializeOwned
+        + Debug
+        + Send
+        + 'static,
 {
     let mut events = pin!(watcher(api, config).default_backoff());
     // The objects of the list under way (`None` outside one).
     let mut listing: Option<Vec<Resource>> = None;
+    // An object that does not decode is not served: skipped in a list, deleted when it changes
+    // (so a watched change and a re-list agree).
+    let usable = |o: Decoded<K>| -> Result<K, K> {
+        let key = o.key();
+        match o.object {
+            Ok(k) => Ok(k),
+            Err(error) => {
+                warn!(%kind, object = %key, %error, "ignoring an object that cannot be decoded");
+                let mut k = K::default();
+                *k.meta_mut() = o.meta;
+                Err(k)
+            }
+        }
+    };
     loop {
         let event = tokio::select! {
             () = tx.closed() => return,
@@ -237,7 +326,9 @@ async fn watch<K>(
                 None
             }
             Ok(watcher::Event::InitApply(o)) => {
-                listing.get_or_insert_default().push(wrap(o));
+                if let Ok(o) = usable(o) {
+                    listing.get_or_insert_default().push(wrap(o));
+                }
                 None
             }
             Ok(watcher::Event::InitDone) => {
@@ -248,13 +339,20 @@ async fn watch<K>(
                 }
                 Some(SourceEvent::Snapshot(kind, objects))
             }
-            Ok(watcher::Event::Apply(o)) => {
-                let o = wrap(o);
-                debug!(%kind, key = %o.key(), "applied");
-                Some(SourceEvent::Applied(o))
-            }
+            Ok(watcher::Event::Apply(o)) => match usable(o) {
+                Ok(o) => {
+                    let o = wrap(o);
+                    debug!(%kind, key = %o.key(), "applied");
+                    Some(SourceEvent::Applied(o))
+                }
+                Err(o) => Some(SourceEvent::Deleted(wrap(o))),
+            },
             Ok(watcher::Event::Delete(o)) => {
-                let o = wrap(o);
+                let o = wrap(o.object.unwrap_or_else(|_| {
+                    let mut k = K::default();
+                    *k.meta_mut() = o.meta;
+                    k
+                }));
                 debug!(%kind, key = %o.key(), "deleted");
                 Some(SourceEvent::Deleted(o))
             }

@@ -191,11 +191,11 @@ impl Loader {
             return Err("not a Kubernetes object: apiVersion and kind must be strings".into());
         };
         let resource = match (api_version, kind) {
-            ("v1", "Service") => Resource::Service(decode::<Service>(value)?),
+            ("v1", "Service") => Resource::Service(decode::<Service>("Service", value)?),
             ("discovery.k8s.io/v1", "EndpointSlice") => {
-                Resource::EndpointSlice(decode::<EndpointSlice>(value)?)
+                Resource::EndpointSlice(decode::<EndpointSlice>("EndpointSlice", value)?)
             }
-            ("v1", "Node") => Resource::Node(decode::<Node>(value)?),
+            ("v1", "Node") => Resource::Node(decode::<Node>("Node", value)?),
             (_, list) if list.ends_with("List") && value.get("items").is_some() => {
                 return self.list(file, document, value);
             }
@@ -260,8 +260,23 @@ impl Loader {
     }
 }
 
-fn decode<K: DeserializeOwned>(value: Value) -> Result<K, String> {
-    K::deserialize(value).map_err(|e| e.to_string())
+/// Decodes one object; an error names it (kind, namespace/name as far as they can be read), so a
+/// bad object in a file of many is found at once.
+fn decode<K: DeserializeOwned>(kind: &str, value: Value) -> Result<K, String> {
+    let name = |field: &str| {
+        value
+            .get("metadata")
+            .and_then(|m| m.get(field))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let object = match (name("namespace"), name("name")) {
+        (_, None) => format!("{kind} without a readable metadata.name"),
+        (_, Some(n)) if kind == "Node" => format!("{kind} {n}"),
+        (ns, Some(n)) => format!("{kind} {}/{n}", ns.as_deref().unwrap_or("default")),
+    };
+    K::deserialize(&value).map_err(|e| format!("{object}: {e}"))
 }
 
 /// Checks the name, defaults the namespace of namespaced kinds to `default` and clears it on

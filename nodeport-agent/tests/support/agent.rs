@@ -41,8 +41,10 @@ impl Agent {
         }
     }
 
+    /// The log so far, without terminal colour codes (the agent colours its log even into a
+    /// file).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 
     pub fn alive(&mut self) -> bool {
@@ -154,4 +156,22 @@ pub fn wait_for(
         std::thread::sleep(Duration::from_millis(20));
     }
     start.elapsed()
+}
+
+/// Removes `ESC [ … letter` sequences.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
