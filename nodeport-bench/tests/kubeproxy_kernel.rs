@@ -253,6 +253,7 @@ fn objects() -> (Vec<Service>, Vec<EndpointSlice>) {
 fn input<'a>(services: &'a [Service], slices: &'a [EndpointSlice]) -> ProxyInput<'a> {
     ProxyInput {
         node_name: NODE_NAME,
+        // --nodeport-addresses=192.168.77.1/32
         node_ips: &[NODE_IP],
         cluster_cidr: "10.244.0.0/16".parse().unwrap(),
         services,
@@ -489,4 +490,32 @@ fn thousand_services_install_with_iptables_restore_and_nft() {
     }
     // Every iptables-restore and nft run has exited: nothing is left in the node namespace.
     assert!(netns_pids(&node).is_empty());
+}
+
+/// Without `--nodeport-addresses` kube-proxy serves nodePorts on every local address
+/// (`-m addrtype --dst-type LOCAL`, `fib daddr type local`); in iptables mode it then also opens
+/// 127.0.0.0/8 to them and sets `route_localnet`, in nftables mode it does neither.
+#[test]
+fn nodeports_on_every_local_address_without_nodeport_addresses() {
+    let t = Topology::up('c');
+    start_pod_servers(&t, 1);
+    start_pod_servers(&t, 2);
+    start_node_listener(&t, NP_EMPTY);
+    let node = t.ns("node");
+    let (services, slices) = objects();
+    let match_all = ProxyInput {
+        node_ips: &[],
+        ..input(&services, &slices)
+    };
+    for mode in [Mode::Iptables, Mode::Nftables] {
+        node_cmd(&t, &["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=0"]);
+        let rules = render(mode, &match_all).unwrap();
+        install(mode, &node, &rules).unwrap();
+        let localnet = node_cmd(&t, &["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]);
+        let want = if mode == Mode::Iptables { "1" } else { "0" };
+        assert_eq!(localnet.trim(), want, "{mode:?}: route_localnet");
+        check_traffic(&t, mode);
+        remove(mode, &node).unwrap();
+        assert_no_kube_proxy_rules(&t, mode);
+    }
 }

@@ -3,6 +3,14 @@
 //! script in the form of kube-proxy's unit tests' dump (`add table`, sets and maps, chains, rules,
 //! elements), which is what its knftables transaction creates on an empty table.
 //!
+//! The layout is kube-proxy 1.33's after kubernetes#132456 (cherry-picked to release-1.33 as
+//! #133969, September 2025): filter chains `filter-prerouting-pre-dnat` and
+//! `filter-output-pre-dnat` at priority -110, `filter-input/forward/output` at 0, and the
+//! service chains' masquerade rule matching the cluster IP without the port, exactly as
+//! `TestOverallNFTablesRules` expects. Earlier 1.33 releases ran all filter chains at -110 (plus
+//! `filter-output-post-dnat` at -90) and also matched the port; per packet the difference is one
+//! comparison.
+//!
 //! Every service is one element of a verdict map (`service-ips`, `service-nodeports`) looked up
 //! by `ip daddr . meta l4proto . th dport`, so the cost does not grow with the service count;
 //! each service port then has its own chains.
