@@ -8,6 +8,9 @@
 //! connection to another Service keeps answering, and new connections reach the pod of the state
 //! in the maps. After the fault the change converges; how long that took is printed.
 //!
+//! Also prints the Kubernetes path's change-to-map latency without faults
+//! (`NODEPORT_KUBE_UPDATES` changes, 20 by default).
+//!
 //! Short form (the test command): one round of every fault, 3 s each. Long form:
 //! `NODEPORT_FAULT_ROUNDS=10 NODEPORT_FAULT_SECONDS=10 cargo test -p nodeport-agent --test
 //! api_faults -- --nocapture`.
@@ -184,6 +187,33 @@ fn dataplane_keeps_the_last_known_state_through_api_faults_and_converges_after()
     );
     let mut figures = vec![("no fault".to_owned(), 0, t.elapsed(), Duration::ZERO)];
     web_answers(current);
+
+    // The Kubernetes path's change-to-map latency without faults, for docs/BENCHMARKS.md beside
+    // the manifests path's (which polls its directory).
+    let samples = env_or("NODEPORT_KUBE_UPDATES", 20);
+    let mut latencies: Vec<Duration> = (0..samples)
+        .map(|_| {
+            let t = Instant::now();
+            flip(&mut current);
+            while pins.services() != state(current) {
+                assert!(t.elapsed() < Duration::from_secs(10), "{}", agent.log());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let took = t.elapsed();
+            // Past the agent's debounce window (--min-sync-period-ms 50), so each change is
+            // its own sync.
+            std::thread::sleep(Duration::from_millis(100));
+            took
+        })
+        .collect();
+    latencies.sort();
+    let rank = |p: usize| latencies[(p * latencies.len()).div_ceil(100).max(1) - 1];
+    println!(
+        "Kubernetes source, endpoint change to maps over {samples} changes (--min-sync-period-ms 50): p50 {:?}, p99 {:?}, max {:?}",
+        rank(50),
+        rank(99),
+        latencies.last().unwrap()
+    );
 
     for round in 1..=rounds {
         for fault in faults() {
