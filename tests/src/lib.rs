@@ -6,6 +6,7 @@
 //! run always means the programs ran in a kernel.
 
 pub mod fixture_net;
+pub mod fuzz;
 pub mod harness;
 pub mod netns;
 pub mod packet;

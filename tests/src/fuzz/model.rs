@@ -1,0 +1,672 @@
+//! An independent model of the dataplane's contract, written from docs/ARCHITECTURE.md ("Packet
+//! path") and the seeded world (`world`), not from the eBPF code: for one input packet on one
+//! hook it lists every outcome the design allows, and it remembers the flows the programs
+//! created so that later packets of a flow, and replies to it, have exactly one right answer.
+//!
+//! Where the kernel's own random choices enter (the backend of a new flow, a SNAT port when the
+//! client's port is taken), the model allows every choice the design allows and then learns the
+//! one taken from the translated packet.
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    net::Ipv4Addr,
+};
+
+use crate::{
+    harness::{
+        SNAT_MAX, SNAT_MIN, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX,
+    },
+    packet::{Mac, TCP, UDP},
+};
+
+use super::world::{self, NODE_ADDRS, NODE_IF_MAC, Route, ServiceSpec};
+
+pub const XDP_REDIRECT: u32 = 4;
+pub const XDP_ABORTED: u32 = 0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    TcIngress,
+    TcEgress,
+}
+
+/// An IPv4 5-tuple, host byte order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub saddr: Ipv4Addr,
+    pub sport: u16,
+    pub daddr: Ipv4Addr,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+/// A flow the programs track, as the model learnt it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    /// The client's tuple: client -> node address : nodePort.
+    pub client: Tuple,
+    pub svc_id: u32,
+    pub backend: u32,
+    /// Source NAT (node address, port) for remote backends; None for local ones (DNAT only).
+    pub snat: Option<(Ipv4Addr, u16)>,
+}
+
+impl Flow {
+    /// The tuple the backend's reply carries.
+    pub fn reply(&self) -> Tuple {
+        let b = world::backend_by_id(self.backend);
+        let (daddr, dport) = self.snat.unwrap_or((self.client.saddr, self.client.sport));
+        Tuple {
+            saddr: b.addr,
+            sport: b.port,
+            daddr,
+            dport,
+            proto: self.client.proto,
+        }
+    }
+}
+
+/// The fields of an IPv4 TCP/UDP packet the contract talks about, read independently of
+/// `parse.rs`.
+#[derive(Clone, Copy, Debug)]
+pub struct View {
+    pub frame_len: usize,
+    pub ihl: usize,
+    pub tot_len: usize,
+    pub l4_off: usize,
+    pub ttl: u8,
+    pub tuple: Tuple,
+    /// TCP header length or UDP length field disagree with the IP lengths.
+    pub l4_lengths_odd: bool,
+}
+
+impl View {
+    pub fn l4_check_off(&self) -> usize {
+        self.l4_off + if self.tuple.proto == TCP { 16 } else { 6 }
+    }
+}
+
+/// Reads a frame as the design's parser must: anything but a complete, unfragmented IPv4
+/// TCP/UDP datagram (header, options and L4 header within the IP total length, the total length
+/// within what arrived; trailing bytes are Ethernet padding) is a reason to pass it untouched.
+pub fn view(frame: &[u8]) -> Result<View, &'static str> {
+    if frame.len() < 14 {
+        return Err("shorter than an Ethernet header");
+    }
+    if frame[12..14] != [0x08, 0x00] {
+        return Err("not IPv4 (ethertype)");
+    }
+    let ip = &frame[14..];
+    if ip.len() < 20 {
+        return Err("truncated IPv4 header");
+    }
+    if ip[0] >> 4 != 4 {
+        return Err("IP version is not 4");
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ihl < 20 {
+        return Err("IHL below 5");
+    }
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    if frag & 0x2000 != 0 || frag & 0x1fff != 0 {
+        return Err("a fragment");
+    }
+    let proto = ip[9];
+    let l4_min = match proto {
+        TCP => 20,
+        UDP => 8,
+        _ => return Err("not TCP or UDP"),
+    };
+    let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if tot_len > ip.len() {
+        return Err("total length beyond the frame (truncated)");
+    }
+    if tot_len < ihl + l4_min {
+        return Err("total length leaves no room for the headers");
+    }
+    let l4_off = 14 + ihl;
+    let l4 = &frame[l4_off..14 + tot_len];
+    let l4_len = l4.len();
+    let l4_lengths_odd = match proto {
+        TCP => {
+            let doff = usize::from(l4[12] >> 4) * 4;
+            doff < 20 || doff > l4_len
+        }
+        _ => usize::from(u16::from_be_bytes([l4[4], l4[5]])) != l4_len,
+    };
+    let addr = |o: usize| Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]);
+    Ok(View {
+        frame_len: frame.len(),
+        ihl,
+        tot_len,
+        l4_off,
+        ttl: ip[8],
+        tuple: Tuple {
+            saddr: addr(12),
+            sport: u16::from_be_bytes([l4[0], l4[1]]),
+            daddr: addr(16),
+            dport: u16::from_be_bytes([l4[2], l4[3]]),
+            proto,
+        },
+        l4_lengths_odd,
+    })
+}
+
+/// How the translated source port must look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortRule {
+    Exactly(u16),
+    /// A new source-NATed flow: the client's port when it is in the SNAT range and free for
+    /// this (backend, node address), else any port of the range that no live flow to that
+    /// backend from that node address holds.
+    NewSnat {
+        client_port_if_free: Option<u16>,
+        backend: u32,
+        nat_addr: Ipv4Addr,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    None,
+    /// The translation creates this flow (its SNAT port is read from the packet).
+    NewFlow {
+        client: Tuple,
+        svc_id: u32,
+        backend: u32,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rewrite {
+    pub verdict: u32,
+    /// XDP_PASS only: whether the XDP "judged" mark must (Some(true)) or must not be there.
+    pub marked: Option<bool>,
+    pub saddr: Ipv4Addr,
+    pub sport: PortRule,
+    pub daddr: Ipv4Addr,
+    pub dport: u16,
+    /// (source, destination) MACs when the program transmits the frame itself.
+    pub macs: Option<(Mac, Mac)>,
+    pub ttl_dec: bool,
+    pub effect: Effect,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// BPF_PROG_TEST_RUN refuses the input (shorter than an Ethernet header).
+    Refused,
+    Unchanged {
+        verdict: u32,
+        marked: Option<bool>,
+    },
+    Dropped {
+        verdict: u32,
+    },
+    Translated(Rewrite),
+}
+
+#[derive(Clone, Debug)]
+pub struct Prediction {
+    /// The class of the packet, for statistics and failure reports.
+    pub class: &'static str,
+    pub view: Option<View>,
+    pub allowed: Vec<Outcome>,
+}
+
+#[derive(Default)]
+pub struct Model {
+    flows: HashMap<Tuple, Flow>,
+    /// Insertion order of `flows`, so generators pick known flows deterministically.
+    order: Vec<Tuple>,
+    order_local: Vec<Tuple>,
+    order_snat: Vec<Tuple>,
+    /// Reply tuple of a source-NATed flow -> the flow's client tuple.
+    snat_rev: HashMap<Tuple, Tuple>,
+    /// Reply tuple of a DNAT-only flow -> client tuples. More than one when a client used one
+    /// source port towards two nodePorts (or node addresses) served by the same local pod:
+    /// the pod sees one tuple, so its reply is ambiguous.
+    local_rev: HashMap<Tuple, Vec<Tuple>>,
+    /// ClientIP affinity: (service, client address) -> backend.
+    affinity: HashMap<(u32, Ipv4Addr), u32>,
+    /// Local reply tuples that were shared by more than one flow (see `local_rev`).
+    pub local_reply_clashes: u64,
+}
+
+fn unchanged(hook: Hook) -> Outcome {
+    match hook {
+        Hook::Xdp => Outcome::Unchanged {
+            verdict: XDP_PASS,
+            marked: Some(true),
+        },
+        _ => Outcome::Unchanged {
+            verdict: TC_ACT_OK,
+            marked: None,
+        },
+    }
+}
+
+fn dropped(hook: Hook) -> Outcome {
+    Outcome::Dropped {
+        verdict: if hook == Hook::Xdp {
+            XDP_DROP
+        } else {
+            TC_ACT_SHOT
+        },
+    }
+}
+
+/// BPF_PROG_TEST_RUN for skb programs refuses (EINVAL) an IPv4 frame whose IP header, options
+/// included, did not arrive whole (an IPv6 one likewise): the kernel reads it to set up the test socket before the
+/// program runs, so such a frame never reaches the TC programs that way.
+fn tc_test_run_refuses(frame: &[u8]) -> bool {
+    match frame.get(12..14) {
+        Some([0x08, 0x00]) => {
+            frame.len() < 34 || frame.len() < 14 + usize::from(frame[14] & 0x0f) * 4
+        }
+        Some([0x86, 0xdd]) => frame.len() < 14 + 40,
+        _ => false,
+    }
+}
+
+fn in_snat_range(port: u16) -> bool {
+    (SNAT_MIN..=SNAT_MAX).contains(&port)
+}
+
+/// Addressing after translation, before the hook decides how it leaves.
+struct Nat {
+    saddr: Ipv4Addr,
+    sport: PortRule,
+    daddr: Ipv4Addr,
+    dport: u16,
+    /// Source-NATed (only this node can forward it back): replies and remote backends.
+    snat: bool,
+    effect: Effect,
+}
+
+/// How a translated packet leaves, per hook, from the FIB of the fixture namespace:
+/// - XDP: next hop resolved on the ingress interface -> XDP_TX with the FIB's MACs and TTL - 1;
+///   resolved elsewhere -> XDP_REDIRECT if source-NATed, else XDP_PASS (the stack forwards a
+///   DNAT-only packet); unresolved -> a source-NATed packet goes up untranslated for TC
+///   (unmarked), a DNAT-only one up translated.
+/// - TC ingress: any route -> TC_ACT_REDIRECT (bpf_redirect_neigh fills the MACs later),
+///   TTL - 1; no route -> a source-NATed packet is dropped, a DNAT-only one goes to the stack.
+/// - TC egress (replies of local pods): TC_ACT_OK, addresses only.
+fn leave(hook: Hook, v: &View, nat: Nat) -> Outcome {
+    let rw = |verdict, marked, macs, ttl_dec| {
+        Outcome::Translated(Rewrite {
+            verdict,
+            marked,
+            saddr: nat.saddr,
+            sport: nat.sport,
+            daddr: nat.daddr,
+            dport: nat.dport,
+            macs,
+            ttl_dec,
+            effect: nat.effect,
+        })
+    };
+    // For an skb the kernel's FIB lookup also checks the egress MTU (without a tot_len from
+    // the caller, the skb's length against MTU + Ethernet + VLAN header) and fails with
+    // FRAG_NEEDED, which the design treats like no route. XDP's lookup has no such check.
+    let route = if hook != Hook::Xdp && v.frame_len > world::MTU + 14 + 4 {
+        Route::None
+    } else {
+        world::route(nat.daddr)
+    };
+    match hook {
+        Hook::Xdp => match route {
+            Route::NodeIf(mac) => rw(XDP_TX, None, Some((NODE_IF_MAC, mac)), true),
+            Route::PodIf(mac) if nat.snat => rw(
+                XDP_REDIRECT,
+                None,
+                Some((crate::fixture_net::POD_GW_MAC, mac)),
+                true,
+            ),
+            Route::PodIf(_) => rw(XDP_PASS, Some(true), None, false),
+            Route::NoNeighbour | Route::None if nat.snat => {
+                assert_eq!(
+                    nat.effect,
+                    Effect::None,
+                    "fuzz world: a new flow's next hop must resolve, or the model cannot learn \
+                     its SNAT port"
+                );
+                Outcome::Unchanged {
+                    verdict: XDP_PASS,
+                    marked: Some(false),
+                }
+            }
+            // The design marks every packet XDP judged; this one goes up unmarked (finding 1 in
+            // docs/RELIABILITY.md, tests/tests/fuzz_findings.rs), so the mark is not checked.
+            Route::NoNeighbour | Route::None => rw(XDP_PASS, None, None, false),
+        },
+        Hook::TcIngress => match route {
+            Route::None if nat.snat => {
+                assert_eq!(nat.effect, Effect::None, "fuzz world: backends are routed");
+                dropped(hook)
+            }
+            Route::None => rw(TC_ACT_OK, None, None, false),
+            _ => rw(TC_ACT_REDIRECT, None, None, true),
+        },
+        Hook::TcEgress => rw(TC_ACT_OK, None, None, false),
+    }
+}
+
+impl Model {
+    pub fn flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// The `i`-th known flow (modulo their number) in creation order: of all flows, or only the
+    /// DNAT-only (`Some(true)`) or source-NATed (`Some(false)`) ones.
+    pub fn pick_flow(&self, i: usize, local: Option<bool>) -> Option<Flow> {
+        let list = match local {
+            None => &self.order,
+            Some(true) => &self.order_local,
+            Some(false) => &self.order_snat,
+        };
+        if list.is_empty() {
+            return None;
+        }
+        Some(self.flows[&list[i % list.len()]])
+    }
+
+    pub fn all_flows(&self) -> impl Iterator<Item = &Flow> {
+        self.order.iter().map(|t| &self.flows[t])
+    }
+
+    /// The reply tuples of DNAT-only flows and the flows sharing each.
+    pub fn local_replies(&self) -> &HashMap<Tuple, Vec<Tuple>> {
+        &self.local_rev
+    }
+
+    /// Forgets every flow and affinity (the runner clears the kernel's tables at the same time).
+    pub fn clear(&mut self) {
+        let clashes = self.local_reply_clashes;
+        *self = Self::default();
+        self.local_reply_clashes = clashes;
+    }
+
+    pub fn predict(&self, hook: Hook, frame: &[u8]) -> Prediction {
+        if frame.len() < 14 {
+            return Prediction {
+                class: "shorter than an Ethernet header",
+                view: None,
+                allowed: vec![Outcome::Refused, unchanged(hook)],
+            };
+        }
+        let v = match view(frame) {
+            Ok(v) => v,
+            Err(class) => {
+                let mut allowed = vec![unchanged(hook)];
+                if hook != Hook::Xdp && tc_test_run_refuses(frame) {
+                    allowed.push(Outcome::Refused);
+                }
+                return Prediction {
+                    class,
+                    view: None,
+                    allowed,
+                };
+            }
+        };
+        let (class, mut allowed) = match hook {
+            Hook::Xdp | Hook::TcIngress => self.ingress(hook, &v),
+            Hook::TcEgress => self.egress(&v),
+        };
+        // The ports and checksum sit at fixed offsets, so a TCP data offset or UDP length that
+        // disagrees with the IP length does not stop a correct translation; the design may as
+        // well leave such a packet to the stack, which drops it.
+        if v.l4_lengths_odd && !allowed.contains(&unchanged(hook)) {
+            allowed.push(unchanged(hook));
+        }
+        Prediction {
+            class,
+            view: Some(v),
+            allowed,
+        }
+    }
+
+    fn ingress(&self, hook: Hook, v: &View) -> (&'static str, Vec<Outcome>) {
+        let t = v.tuple;
+        if !NODE_ADDRS.contains(&t.daddr) {
+            return ("not to a NodePort address", vec![unchanged(hook)]);
+        }
+        if v.ttl <= 1 {
+            return ("TTL 0 or 1", vec![unchanged(hook)]);
+        }
+        if let Some(svc) = world::service_for(t.proto, t.dport) {
+            return self.service(hook, v, svc);
+        }
+        if in_snat_range(t.dport) {
+            return match self.snat_rev.get(&t) {
+                Some(client) => {
+                    let f = self.flows[client];
+                    let nat = Nat {
+                        saddr: f.client.daddr,
+                        sport: PortRule::Exactly(f.client.dport),
+                        daddr: f.client.saddr,
+                        dport: f.client.sport,
+                        snat: true,
+                        effect: Effect::None,
+                    };
+                    ("reply to a tracked flow", vec![leave(hook, v, nat)])
+                }
+                None => ("reply-like, no tracked flow", vec![unchanged(hook)]),
+            };
+        }
+        ("node address, not a nodePort", vec![unchanged(hook)])
+    }
+
+    fn forward_nat(&self, f: &Flow, effect: Effect, sport: Option<PortRule>) -> Nat {
+        let b = world::backend_by_id(f.backend);
+        let (saddr, sport) = match (b.local, f.snat) {
+            (true, _) => (f.client.saddr, PortRule::Exactly(f.client.sport)),
+            (false, Some((a, p))) => (a, PortRule::Exactly(p)),
+            (false, None) => (f.client.daddr, sport.expect("SNAT rule of a new flow")),
+        };
+        Nat {
+            saddr,
+            sport,
+            daddr: b.addr,
+            dport: b.port,
+            snat: !b.local,
+            effect,
+        }
+    }
+
+    fn service(&self, hook: Hook, v: &View, svc: &ServiceSpec) -> (&'static str, Vec<Outcome>) {
+        let t = v.tuple;
+        if let Some(f) = self.flows.get(&t) {
+            return (
+                "tracked flow",
+                vec![leave(hook, v, self.forward_nat(f, Effect::None, None))],
+            );
+        }
+        if svc.backends.is_empty() {
+            return ("new flow, service without backends", vec![dropped(hook)]);
+        }
+        let pinned = if svc.affinity {
+            self.affinity.get(&(svc.svc_id, t.saddr)).copied()
+        } else {
+            None
+        };
+        let candidates: Vec<u32> = match pinned {
+            Some(b) => vec![b],
+            None => svc.backends.to_vec(),
+        };
+        let allowed = candidates
+            .into_iter()
+            .map(|backend| {
+                let b = world::backend_by_id(backend);
+                let reply_base = Tuple {
+                    saddr: b.addr,
+                    sport: b.port,
+                    daddr: t.daddr,
+                    dport: t.sport,
+                    proto: t.proto,
+                };
+                let free = in_snat_range(t.sport) && !self.snat_rev.contains_key(&reply_base);
+                let flow = Flow {
+                    client: t,
+                    svc_id: svc.svc_id,
+                    backend,
+                    snat: None,
+                };
+                let rule = PortRule::NewSnat {
+                    client_port_if_free: free.then_some(t.sport),
+                    backend,
+                    nat_addr: t.daddr,
+                };
+                let effect = Effect::NewFlow {
+                    client: t,
+                    svc_id: svc.svc_id,
+                    backend,
+                };
+                leave(hook, v, self.forward_nat(&flow, effect, Some(rule)))
+            })
+            .collect();
+        (
+            if pinned.is_some() {
+                "new flow, affinity-pinned"
+            } else {
+                "new flow"
+            },
+            allowed,
+        )
+    }
+
+    fn egress(&self, v: &View) -> (&'static str, Vec<Outcome>) {
+        let hook = Hook::TcEgress;
+        match self.local_rev.get(&v.tuple) {
+            Some(clients) => (
+                if clients.len() > 1 {
+                    "reply of a local pod, tuple shared by several flows"
+                } else {
+                    "reply of a local pod to a tracked flow"
+                },
+                clients
+                    .iter()
+                    .map(|c| {
+                        let f = self.flows[c];
+                        let nat = Nat {
+                            saddr: f.client.daddr,
+                            sport: PortRule::Exactly(f.client.dport),
+                            daddr: f.client.saddr,
+                            dport: f.client.sport,
+                            snat: false,
+                            effect: Effect::None,
+                        };
+                        leave(hook, v, nat)
+                    })
+                    .collect(),
+            ),
+            None => ("egress, no tracked local flow", vec![unchanged(hook)]),
+        }
+    }
+
+    /// Whether `port` may be the SNAT port of a new flow under `rule`.
+    pub fn snat_port_ok(&self, rule: &PortRule, proto: u8, port: u16) -> Result<(), String> {
+        match *rule {
+            PortRule::Exactly(p) if p == port => Ok(()),
+            PortRule::Exactly(p) => Err(format!("source port {port}, expected {p}")),
+            PortRule::NewSnat {
+                client_port_if_free: Some(p),
+                ..
+            } if p != port => Err(format!(
+                "SNAT port {port}: the client's port {p} is in the SNAT range and free, so it \
+                 must be kept"
+            )),
+            PortRule::NewSnat {
+                backend, nat_addr, ..
+            } => {
+                let b = world::backend_by_id(backend);
+                let reply = Tuple {
+                    saddr: b.addr,
+                    sport: b.port,
+                    daddr: nat_addr,
+                    dport: port,
+                    proto,
+                };
+                if !in_snat_range(port) {
+                    Err(format!("SNAT port {port} outside {SNAT_MIN}-{SNAT_MAX}"))
+                } else if let Some(holder) = self.snat_rev.get(&reply) {
+                    Err(format!(
+                        "SNAT port {port} towards {}:{} is held by the live flow {holder:?}",
+                        b.addr, b.port
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Learns from the outcome the programs produced (one the prediction allowed).
+    pub fn observe(&mut self, outcome: &Outcome, out_sport: Option<u16>) {
+        let Outcome::Translated(Rewrite {
+            effect:
+                Effect::NewFlow {
+                    client,
+                    svc_id,
+                    backend,
+                },
+            saddr,
+            ..
+        }) = *outcome
+        else {
+            return;
+        };
+        let b = world::backend_by_id(backend);
+        let flow = Flow {
+            client,
+            svc_id,
+            backend,
+            snat: (!b.local).then(|| (saddr, out_sport.expect("translated source port"))),
+        };
+        let reply = flow.reply();
+        if flow.snat.is_some() {
+            let prev = self.snat_rev.insert(reply, client);
+            assert!(prev.is_none(), "model: SNAT reply tuple reused");
+        } else {
+            let sharing = self.local_rev.entry(reply).or_default();
+            if !sharing.is_empty() {
+                self.local_reply_clashes += 1;
+            }
+            sharing.push(client);
+        }
+        let svc = world::SERVICES
+            .iter()
+            .find(|s| s.svc_id == svc_id)
+            .expect("world service");
+        if svc.affinity {
+            self.affinity.insert((svc_id, client.saddr), backend);
+        }
+        match self.flows.entry(client) {
+            Entry::Occupied(_) => panic!("model: flow {client:?} created twice"),
+            Entry::Vacant(e) => {
+                e.insert(flow);
+            }
+        }
+        self.order.push(client);
+        if flow.snat.is_some() {
+            self.order_snat.push(client);
+        } else {
+            self.order_local.push(client);
+        }
+    }
+}
+
+pub fn verdict_name(hook: Hook, v: u32) -> &'static str {
+    match (hook, v) {
+        (Hook::Xdp, XDP_ABORTED) => "XDP_ABORTED",
+        (Hook::Xdp, XDP_DROP) => "XDP_DROP",
+        (Hook::Xdp, XDP_PASS) => "XDP_PASS",
+        (Hook::Xdp, XDP_TX) => "XDP_TX",
+        (Hook::Xdp, XDP_REDIRECT) => "XDP_REDIRECT",
+        (Hook::Xdp, _) => "unknown XDP verdict",
+        (_, TC_ACT_OK) => "TC_ACT_OK",
+        (_, TC_ACT_SHOT) => "TC_ACT_SHOT",
+        (_, TC_ACT_REDIRECT) => "TC_ACT_REDIRECT",
+        _ => "unknown TC verdict",
+    }
+}
