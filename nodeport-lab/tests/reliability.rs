@@ -144,11 +144,20 @@ fn agent_restarts_and_an_upgrade_under_load_break_no_connection() {
             w.window.label
         );
     }
+    // New connections were made while no agent process existed at all, and all were answered.
+    for w in &r.windows[1..4] {
+        assert!(
+            w.agentless_attempted >= 5,
+            "{}: only {} new connections while the agents were dead",
+            w.window.label,
+            w.agentless_attempted
+        );
+    }
     assert_eq!(r.broken(), 0, "established connections broke");
     assert_eq!(r.new_failed(), 0, "new connections failed");
 }
 
-/// Pods added and removed every 300 ms (terminating for 3 s, then deleted): no connection to a
+/// Pods added and removed every 300 ms (terminating for 5 s, then deleted): no connection to a
 /// pod that was not deleted fails, the agents stop new connections to a terminating pod before it
 /// is deleted, so no new connection fails, and every connection to a deleted pod ends within 3 s
 /// of the deletion.
@@ -158,7 +167,7 @@ fn backend_churn_under_load_fails_no_connection_to_a_surviving_pod() {
     let o = ChurnOptions {
         duration: Duration::from_secs(5),
         period: Duration::from_millis(300),
-        grace: Duration::from_secs(3),
+        grace: Duration::from_secs(5),
         cut: false,
         linger: Duration::from_secs(3),
         load: scenarios::load_config(&t.lab, 24, 40),

@@ -112,6 +112,9 @@ pub struct Window {
     pub dead_after: Duration,
     /// From the new process's start until its `/healthz` showed a sync (slowest node).
     pub resync: Duration,
+    /// While no agent process of the affected nodes existed (from the last one gone until the
+    /// new ones were started).
+    pub agentless: Option<(Instant, Instant)>,
 }
 
 /// What the load saw in one window.
@@ -122,6 +125,9 @@ pub struct WindowFigures {
     pub broken: Vec<Break>,
     pub new_attempted: usize,
     pub new_failed: Vec<NewConn>,
+    /// New connections started while no agent ran, and how many of them failed.
+    pub agentless_attempted: usize,
+    pub agentless_failed: usize,
     /// Requests answered on long-lived connections, and the slowest of them.
     pub answered: usize,
     pub max_latency: Duration,
@@ -131,7 +137,17 @@ fn figures(log: &Log, window: Window) -> WindowFigures {
     let inside = |t: Instant| t >= window.start && t < window.end;
     let new: Vec<&NewConn> = log.new.iter().filter(|n| inside(n.started)).collect();
     let answered: Vec<_> = log.answered.iter().filter(|a| inside(a.sent)).collect();
+    let agentless: Vec<&&NewConn> = new
+        .iter()
+        .filter(|n| {
+            window
+                .agentless
+                .is_some_and(|(from, to)| n.started >= from && n.started < to)
+        })
+        .collect();
     WindowFigures {
+        agentless_attempted: agentless.len(),
+        agentless_failed: agentless.iter().filter(|n| n.result.is_err()).count(),
         broken: log
             .breaks
             .iter()
@@ -191,8 +207,8 @@ impl RestartReport {
             "{} long-lived connections (a request every 50-100 ms each, timeout {:?}), {} new connections/s, \
              through nodePort {NODE_PORT} of {} nodes; {} restart(s) of {} agent(s) (SIGKILL, {:?} down, then the same command), \
              {:?} of load between faults; run took {:.1} s.\n\n\
-             | window | agent gone after | resync | long-lived requests answered | slowest answer | established broken | new attempted | new failed |\n\
-             |---|---|---|---|---|---|---|---|\n",
+             | window | agent gone after | resync | long-lived requests answered | slowest answer | established broken | new attempted | new failed | new while no agent ran (failed) |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
             o.load.long_conns,
             o.load.request_timeout,
             o.load.new_per_sec,
@@ -210,7 +226,7 @@ impl RestartReport {
         for w in &self.windows {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} ms | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} ms | {} | {} | {} | {} ({}) |",
                 w.window.label,
                 ms(w.window.dead_after),
                 ms(w.window.resync),
@@ -218,12 +234,14 @@ impl RestartReport {
                 w.max_latency.as_millis(),
                 w.broken.len(),
                 w.new_attempted,
-                w.new_failed.len()
+                w.new_failed.len(),
+                w.agentless_attempted,
+                w.agentless_failed
             );
         }
         let _ = writeln!(
             s,
-            "| **total** | | | {} | {} ms | **{}** | {} | **{}** |",
+            "| **total** | | | {} | {} ms | **{}** | {} | **{}** | {} ({}) |",
             self.windows.iter().map(|w| w.answered).sum::<usize>(),
             self.windows
                 .iter()
@@ -233,7 +251,15 @@ impl RestartReport {
                 .as_millis(),
             self.broken(),
             self.new_attempted(),
-            self.new_failed()
+            self.new_failed(),
+            self.windows
+                .iter()
+                .map(|w| w.agentless_attempted)
+                .sum::<usize>(),
+            self.windows
+                .iter()
+                .map(|w| w.agentless_failed)
+                .sum::<usize>()
         );
         for w in &self.windows {
             for b in &w.broken {
@@ -301,6 +327,7 @@ pub fn restarts(lab: &Lab, o: &RestartOptions) -> anyhow::Result<RestartReport> 
             end: Instant::now(),
             dead_after: Duration::ZERO,
             resync: Duration::ZERO,
+            agentless: None,
         });
         for i in 0..o.restarts {
             let victims: Vec<&String> = if o.all_nodes {
@@ -324,7 +351,9 @@ pub fn restarts(lab: &Lab, o: &RestartOptions) -> anyhow::Result<RestartReport> 
                 pids.iter().all(|p| !sys::alive(*p))
             })?;
             let dead_after = start.elapsed();
+            let gone = Instant::now();
             std::thread::sleep(o.down_for);
+            let agentless = Some((gone, Instant::now()));
             let resync = restart_and_wait(lab, &victims, &lab.config().agent)?;
             std::thread::sleep(o.settle);
             windows.push(Window {
@@ -333,6 +362,7 @@ pub fn restarts(lab: &Lab, o: &RestartOptions) -> anyhow::Result<RestartReport> 
                 end: Instant::now(),
                 dead_after,
                 resync,
+                agentless,
             });
         }
         if let Some(binary) = &o.upgrade_to {
@@ -344,6 +374,7 @@ pub fn restarts(lab: &Lab, o: &RestartOptions) -> anyhow::Result<RestartReport> 
                 // A DaemonSet's rolling update: SIGTERM, the old pod exits, the new one starts.
                 sys::stop(pid, Duration::from_secs(10));
                 let dead_after = start.elapsed();
+                let agentless = Some((start + dead_after, Instant::now()));
                 let resync = restart_and_wait(lab, &[n], binary)?;
                 let new = lab.agent_pid(n).and_then(executable);
                 if new.as_deref() != Some(binary.as_path()) {
@@ -363,6 +394,7 @@ pub fn restarts(lab: &Lab, o: &RestartOptions) -> anyhow::Result<RestartReport> 
                     end: Instant::now(),
                     dead_after,
                     resync,
+                    agentless,
                 });
             }
         }
