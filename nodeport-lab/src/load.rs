@@ -395,3 +395,38 @@ pub fn targets(nodes: &[Ipv4Addr], node_port: u16) -> Vec<SocketAddrV4> {
         .map(|a| SocketAddrV4::new(*a, node_port))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_its_range_and_spreads() {
+        let mut j = Jitter(7);
+        let (lo, hi) = (Duration::from_millis(50), Duration::from_millis(100));
+        let all: Vec<Duration> = (0..1000).map(|_| j.between(lo, hi)).collect();
+        assert!(all.iter().all(|d| *d >= lo && *d < hi));
+        assert!(all.iter().any(|d| *d < Duration::from_millis(60)));
+        assert!(all.iter().any(|d| *d > Duration::from_millis(90)));
+    }
+
+    #[test]
+    fn failures_are_classified_from_the_socket_error() {
+        let io = |k| std::io::Error::from(k);
+        assert_eq!(Failure::of(&io(ErrorKind::ConnectionReset)), Failure::Reset);
+        assert_eq!(
+            Failure::of(&io(ErrorKind::ConnectionRefused)),
+            Failure::Reset
+        );
+        assert_eq!(Failure::of(&io(ErrorKind::BrokenPipe)), Failure::Reset);
+        // A read timeout on a socket is EAGAIN (WouldBlock) on Linux.
+        assert_eq!(Failure::of(&io(ErrorKind::WouldBlock)), Failure::Timeout);
+        assert_eq!(Failure::of(&io(ErrorKind::UnexpectedEof)), Failure::Closed);
+        let wrapped = anyhow::Error::new(io(ErrorKind::TimedOut)).context("connecting to x");
+        assert_eq!(Failure::of_anyhow(&wrapped), Failure::Timeout);
+        assert_eq!(
+            Failure::of_anyhow(&anyhow::anyhow!("no io")),
+            Failure::Other
+        );
+    }
+}

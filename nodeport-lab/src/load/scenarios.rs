@@ -681,3 +681,76 @@ pub fn churn(lab: &mut Lab, o: &ChurnOptions) -> anyhow::Result<ChurnReport> {
         took: began.elapsed(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::*;
+    use crate::load::Answered;
+
+    #[test]
+    fn outcomes_are_attributed_to_the_window_they_started_in() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let target = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), NODE_PORT);
+        let conn = |ms, ok: bool| NewConn {
+            target,
+            started: at(ms),
+            took: Duration::from_millis(1),
+            result: if ok {
+                Ok("p".into())
+            } else {
+                Err((Failure::Reset, true, "refused".into()))
+            },
+        };
+        let brk = |ms| Break {
+            conn: 0,
+            target,
+            pod: "p".into(),
+            opened: t0,
+            sent: at(ms),
+            seen: at(ms + 5000),
+            failure: Failure::Timeout,
+            error: "timed out".into(),
+            answered: 3,
+        };
+        let log = Log {
+            breaks: vec![brk(50), brk(150)],
+            answered: vec![
+                Answered {
+                    sent: at(110),
+                    latency: Duration::from_millis(7),
+                },
+                Answered {
+                    sent: at(120),
+                    latency: Duration::from_millis(30),
+                },
+            ],
+            new: vec![
+                conn(99, false),
+                conn(100, true),
+                conn(120, false),
+                conn(200, true),
+            ],
+            opened: Vec::new(),
+        };
+        let f = figures(
+            &log,
+            Window {
+                label: "restart 1".into(),
+                start: at(100),
+                end: at(200),
+                dead_after: Duration::ZERO,
+                resync: Duration::ZERO,
+                agentless: Some((at(115), at(130))),
+            },
+        );
+        // [start, end): the break sent at 150 ms, not the one at 50 ms (seen inside, sent before).
+        assert_eq!(f.broken.len(), 1);
+        assert_eq!(f.broken[0].sent, at(150));
+        assert_eq!((f.new_attempted, f.new_failed.len()), (2, 1));
+        assert_eq!((f.agentless_attempted, f.agentless_failed), (1, 1));
+        assert_eq!((f.answered, f.max_latency), (2, Duration::from_millis(30)));
+    }
+}
