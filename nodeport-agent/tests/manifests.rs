@@ -374,3 +374,37 @@ async fn run_sends_snapshots_at_start_and_on_every_change() {
         .expect("source did not stop")
         .unwrap();
 }
+
+/// EndpointSlices rewritten faster than the poll period (pod churn) never read the same twice in
+/// a row: they are loaded anyway after `MAX_UNSTABLE_POLLS`, not held back for as long as the churn
+/// lasts.
+#[tokio::test]
+async fn run_loads_a_directory_that_changes_at_every_poll() {
+    let dir = TempDir::new();
+    let (tx, mut rx) = mpsc::channel(16);
+    let poll = Duration::from_millis(50);
+    let _source = tokio::spawn(manifests::run(dir.path().to_owned(), tx, poll));
+    let mut state = ClusterState::default();
+    snapshots(&mut rx, &mut state).await;
+    let writer = {
+        let path = dir.path().to_owned();
+        std::thread::spawn(move || {
+            // A new nodePort every 10 ms for 2 s, each file written whole (by rename).
+            for i in 0..200 {
+                let tmp = path.join(".web.yaml.tmp");
+                fs::write(&tmp, web_file(30000 + i)).unwrap();
+                fs::rename(&tmp, path.join("web.yaml")).unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    snapshots(&mut rx, &mut state).await;
+    let took = started.elapsed();
+    assert!(
+        took < poll * (manifests::MAX_UNSTABLE_POLLS + 3),
+        "a changing directory was loaded only after {took:?}"
+    );
+    assert!(node_port(&state, &ObjKey::new("default", "web")).is_some());
+    writer.join().unwrap();
+}

@@ -37,6 +37,8 @@ use crate::model::{Kind, ObjKey, Resource, SourceEvent};
 
 /// How often [`run`] looks at the directory unless told otherwise.
 pub const DEFAULT_POLL: Duration = Duration::from_millis(500);
+/// Polls a change may wait to be seen stable before it is loaded anyway.
+pub const MAX_UNSTABLE_POLLS: u32 = 2;
 
 /// Something in the directory that could not be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -338,11 +340,15 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
 /// rather than mtimes and sizes misses no edit, however quick. A manifests directory is small, so
 /// reading it twice a second costs nothing. A change is loaded once the directory read the same on
 /// two consecutive polls, so a file caught half-written is not loaded (and its objects are not
-/// briefly deleted).
+/// briefly deleted); a directory that changes at every poll (EndpointSlices rewritten faster than
+/// the poll period, as under pod churn) is loaded anyway after [`MAX_UNSTABLE_POLLS`], so changes
+/// are never held back for longer than that.
 pub async fn run(dir: PathBuf, tx: mpsc::Sender<SourceEvent>, poll: Duration) {
     // The contents last loaded, and a changed state seen once, waiting to be seen stable.
     let mut loaded: Option<Files> = None;
     let mut pending: Option<Files> = None;
+    // Consecutive polls that found a change not yet loaded.
+    let mut unstable_polls = 0u32;
     loop {
         let d = dir.clone();
         // Only a panic (none expected) fails the blocking task; then try again next poll.
@@ -354,12 +360,15 @@ pub async fn run(dir: PathBuf, tx: mpsc::Sender<SourceEvent>, poll: Duration) {
             (Some(_), None) => true,
             (Some(files), Some(last)) if last == files => {
                 pending = None;
+                unstable_polls = 0;
                 false
             }
             (Some(files), Some(_)) if pending.as_ref() == Some(files) => true,
+            (Some(_), Some(_)) if unstable_polls >= MAX_UNSTABLE_POLLS => true,
             (Some(files), Some(_)) => {
                 debug!(dir = %dir.display(), "manifests changed; loading once they are stable");
                 pending = Some(files.clone());
+                unstable_polls += 1;
                 false
             }
         };
@@ -388,6 +397,7 @@ pub async fn run(dir: PathBuf, tx: mpsc::Sender<SourceEvent>, poll: Duration) {
             }
             loaded = Some(files);
             pending = None;
+            unstable_polls = 0;
         }
         tokio::select! {
             () = tx.closed() => return,
