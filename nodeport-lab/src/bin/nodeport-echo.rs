@@ -120,7 +120,10 @@ fn serve_tcp(listener: TcpListener, port: u16, who: Arc<Who>) {
 fn http(stream: TcpStream, port: u16, who: &Who) -> std::io::Result<()> {
     let peer = stream.peer_addr()?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut writer = stream.try_clone()?;
+    stream.set_nodelay(true)?;
+    // One write per answer (flushed below): unbuffered, `write!` sends each piece as its own
+    // segment, and Nagle against the client's delayed ACK holds kept-alive answers ~40 ms.
+    let mut writer = std::io::BufWriter::new(stream.try_clone()?);
     let mut reader = BufReader::new(stream);
     loop {
         let mut request_line = String::new();
