@@ -198,7 +198,6 @@ fn all_objects() -> (Objects, Objects) {
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code, reason = "parsed to check the shape")]
 struct JsonPatchOp {
     op: String,
     path: String,
@@ -763,5 +762,54 @@ fn containerfile_builds_and_copies_the_binary_the_daemonset_runs() {
     assert!(
         ignore.lines().any(|l| l.trim() == "target/"),
         ".dockerignore excludes target/"
+    );
+}
+
+/// The kind overlay's JSON patches change fields the base DaemonSet has (a `replace` of a missing
+/// path fails at `kubectl apply -k` time), and the patched DaemonSet is still a DaemonSet.
+#[test]
+fn kind_json_patches_apply_to_the_base_daemonset() {
+    let kind = deploy().join("kind");
+    let ds_path = deploy().join("base/daemonset.yaml");
+    let mut ds = serde_json::to_value(&documents(&ds_path)[0]).unwrap();
+    let mut applied = 0;
+    for p in kustomization(&kind)["patches"].as_sequence().unwrap() {
+        if p["target"].is_null() {
+            continue;
+        }
+        assert_eq!(p["target"]["kind"].as_str(), Some("DaemonSet"), "{p:?}");
+        let path = kind.join(p["path"].as_str().unwrap());
+        for doc in documents(&path) {
+            let ops: Vec<JsonPatchOp> = serde_yaml_ng::from_value(doc).unwrap();
+            for op in ops {
+                assert_eq!(op.op, "replace", "{}: only replace is used", path.display());
+                let field = ds.pointer_mut(&op.path).unwrap_or_else(|| {
+                    panic!(
+                        "{}: {} not in {}",
+                        path.display(),
+                        op.path,
+                        ds_path.display()
+                    )
+                });
+                let value = op.value.expect("a value");
+                assert_ne!(
+                    *field,
+                    value,
+                    "{}: {} is already {value}",
+                    path.display(),
+                    op.path
+                );
+                *field = value;
+                applied += 1;
+            }
+        }
+    }
+    assert!(applied > 0, "the overlay patches the DaemonSet");
+    let patched: DaemonSet = serde_json::from_value(ds).expect("still a DaemonSet");
+    let pod = patched.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.dns_policy.as_deref(),
+        Some("Default"),
+        "kind: the node's resolver"
     );
 }
