@@ -25,12 +25,12 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     })
 }
 
-fn samples<'a>(
-    r: &'a Results,
+fn samples(
+    r: &Results,
     services: usize,
     path: Path,
     dp: Dataplane,
-) -> impl Iterator<Item = &'a Sample> {
+) -> impl Iterator<Item = &Sample> {
     r.samples
         .iter()
         .filter(move |s| s.services == services && s.path == path && s.dataplane == dp)
