@@ -19,7 +19,9 @@ use std::{
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use nodeport_bench::kubeproxy::{Mode, ProxyInput, install, remove, render};
+use nodeport_bench::kubeproxy::{
+    IptablesBackend, Mode, ProxyInput, install, install_with, remove, render,
+};
 use nodeport_lab::sys::{exec_in, in_netns, ip_in, netns_add, netns_del, netns_list, netns_pids};
 use serde_json::json;
 
@@ -288,10 +290,19 @@ fn assert_foreign_rules_kept(t: &Topology) {
 
 fn assert_no_kube_proxy_rules(t: &Topology, mode: Mode) {
     for table in ["filter", "nat"] {
-        let saved = node_cmd(t, &["iptables-save", "-t", table]);
+        let saved = node_cmd(t, &["iptables-nft-save", "-t", table]);
         assert!(
             !saved.contains("KUBE-"),
             "{mode:?}: left in {table}:\n{saved}"
+        );
+    }
+    // x_tables: only the tables that exist (saving one creates it).
+    let legacy = node_cmd(t, &["cat", "/proc/net/ip_tables_names"]);
+    for table in legacy.lines().filter(|l| ["filter", "nat"].contains(l)) {
+        let saved = node_cmd(t, &["iptables-legacy-save", "-t", table]);
+        assert!(
+            !saved.contains("KUBE-"),
+            "{mode:?}: left in legacy {table}:\n{saved}"
         );
     }
     let tables = node_cmd(t, &["nft", "list", "tables"]);
@@ -411,8 +422,9 @@ fn kube_proxy_rules_carry_real_traffic_and_remove_cleanly() {
 }
 
 /// 1,000 NodePort services (2 endpoints each, both the real pods) installed with
-/// iptables-restore and with nft; prints how long each install takes, then reaches the pods
-/// through the last nodePort (the end of KUBE-NODEPORTS' linear scan in iptables mode).
+/// iptables-restore (both backends: nf_tables and x_tables) and with nft; prints how long each
+/// install takes, then reaches the pods through the last nodePort (the end of KUBE-NODEPORTS'
+/// linear scan in iptables mode).
 #[test]
 fn thousand_services_install_with_iptables_restore_and_nft() {
     let t = Topology::up('b');
@@ -436,19 +448,30 @@ fn thousand_services_install_with_iptables_restore_and_nft() {
         .map(|i| slice(&format!("svc-{i}"), "TCP", POD_PORT_TCP, &pods))
         .collect();
     let proxy_input = input(&services, &slices);
-    for mode in [Mode::Iptables, Mode::Nftables] {
+    for (mode, backend, save) in [
+        (Mode::Iptables, IptablesBackend::Nft, "iptables-nft-save"),
+        (
+            Mode::Iptables,
+            IptablesBackend::Legacy,
+            "iptables-legacy-save",
+        ),
+        (Mode::Nftables, IptablesBackend::System, ""),
+    ] {
+        let what = match mode {
+            Mode::Iptables => format!("iptables ({backend:?})"),
+            Mode::Nftables => "nftables".to_owned(),
+        };
         let rules = render(mode, &proxy_input).unwrap();
         let start = Instant::now();
-        install(mode, &node, &rules).unwrap();
+        install_with(mode, &node, &rules, backend).unwrap();
         let took = start.elapsed();
         println!(
-            "kube-proxy {} rules for {n} services x 2 endpoints: {} lines, installed in {took:?}",
-            mode.name(),
+            "kube-proxy {what} rules for {n} services x 2 endpoints: {} lines, installed in {took:?}",
             rules.lines().count()
         );
         match mode {
             Mode::Iptables => {
-                let nat = node_cmd(&t, &["iptables-save", "-t", "nat"]);
+                let nat = node_cmd(&t, &[save, "-t", "nat"]);
                 assert_eq!(
                     nat.lines().filter(|l| l.starts_with(":KUBE-SEP-")).count(),
                     2 * n as usize
@@ -477,13 +500,12 @@ fn thousand_services_install_with_iptables_restore_and_nft() {
         }
         let last = 20000 + n - 1;
         let answer =
-            tcp_from_client(&t, last).unwrap_or_else(|e| panic!("{mode:?} nodePort {last}: {e}"));
+            tcp_from_client(&t, last).unwrap_or_else(|e| panic!("{what} nodePort {last}: {e}"));
         assert!(answer.starts_with("pod"), "{answer}");
         let start = Instant::now();
         remove(mode, &node).unwrap();
         println!(
-            "kube-proxy {} rules for {n} services removed in {:?}",
-            mode.name(),
+            "kube-proxy {what} rules for {n} services removed in {:?}",
             start.elapsed()
         );
         assert_no_kube_proxy_rules(&t, mode);

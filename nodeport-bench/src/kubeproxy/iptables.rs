@@ -515,10 +515,33 @@ pub fn tables(input: &ProxyInput, ports: &[ServicePort], opts: &Options) -> Tabl
 }
 
 /// Removes kube-proxy's chains (every `KUBE-*` chain of filter and nat) and the jumps into them
-/// from the built-in chains, in one `iptables-restore --noflush` per table; other rules stay.
+/// from the built-in chains, in one `iptables-restore --noflush` per table, from both backends
+/// (nf_tables, and x_tables where its tables exist); other rules stay.
 pub fn remove(netns: &str) -> anyhow::Result<()> {
-    for table in ["filter", "nat"] {
-        let saved = super::exec_stdin(netns, &["iptables-save", "-t", table], "")?;
+    remove_from(
+        netns,
+        "iptables-nft-save",
+        "iptables-nft-restore",
+        &["filter", "nat"],
+    )?;
+    // Saving a legacy table creates it: only look at the ones that exist.
+    let legacy =
+        super::exec_stdin(netns, &["cat", "/proc/net/ip_tables_names"], "").unwrap_or_default();
+    let tables: Vec<&str> = ["filter", "nat"]
+        .into_iter()
+        .filter(|t| legacy.lines().any(|l| l.trim() == *t))
+        .collect();
+    remove_from(
+        netns,
+        "iptables-legacy-save",
+        "iptables-legacy-restore",
+        &tables,
+    )
+}
+
+fn remove_from(netns: &str, save: &str, restore: &str, tables: &[&str]) -> anyhow::Result<()> {
+    for &table in tables {
+        let saved = super::exec_stdin(netns, &[save, "-t", table], "")?;
         let mut chains = Vec::new();
         let mut deletes = Vec::new();
         for line in saved.lines() {
@@ -548,7 +571,7 @@ pub fn remove(netns: &str) -> anyhow::Result<()> {
             let _ = writeln!(script, "-X {c}");
         }
         script.push_str("COMMIT\n");
-        super::exec_stdin(netns, &["iptables-restore", "-w", "--noflush"], &script)?;
+        super::exec_stdin(netns, &[restore, "-w", "--noflush"], &script)?;
     }
     Ok(())
 }

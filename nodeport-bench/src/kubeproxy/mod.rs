@@ -100,10 +100,49 @@ pub fn render_with(mode: Mode, input: &ProxyInput, opts: &Options) -> anyhow::Re
 /// Not set: `nf_conntrack_max` (kube-proxy raises it to max(32768 per core, 131072)), which
 /// only the initial namespace may write, and the hashsize module parameter; both are global.
 pub fn install(mode: Mode, netns: &str, rules: &str) -> anyhow::Result<()> {
+    install_with(mode, netns, rules, IptablesBackend::System)
+}
+
+/// Which iptables runs kube-proxy's iptables mode.
+///
+/// kube-proxy runs the `iptables-restore` of its image, whose iptables-wrapper picks the backend
+/// the host already uses (nf_tables on current distributions, and when the host has no rules).
+/// The backend matters for installing large rule sets: measured here (kernel 6.18, iptables
+/// 1.8.9, 2 endpoints per service), `iptables-nft-restore --noflush` takes 2.0 s for 1,000
+/// services, 8.9 s for 2,000, 46 s for 4,000 and about 11 minutes for 10,000 (it grows with the
+/// square of the chain count), while `iptables-legacy-restore` takes 0.3-0.7 s for all of these.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IptablesBackend {
+    /// `iptables-restore`: the host's default (nf_tables here).
+    #[default]
+    System,
+    /// `iptables-nft-restore`: x_tables rules translated into nf_tables.
+    Nft,
+    /// `iptables-legacy-restore`: the x_tables kernel interface.
+    Legacy,
+}
+
+impl IptablesBackend {
+    fn restore(self) -> &'static str {
+        match self {
+            IptablesBackend::System => "iptables-restore",
+            IptablesBackend::Nft => "iptables-nft-restore",
+            IptablesBackend::Legacy => "iptables-legacy-restore",
+        }
+    }
+}
+
+/// [`install`] with an explicit iptables backend (ignored in nftables mode).
+pub fn install_with(
+    mode: Mode,
+    netns: &str,
+    rules: &str,
+    backend: IptablesBackend,
+) -> anyhow::Result<()> {
     remove(mode, netns)?;
     match mode {
         Mode::Iptables => {
-            exec_stdin(netns, &["iptables-restore", "-w", "--noflush"], rules)?;
+            exec_stdin(netns, &[backend.restore(), "-w", "--noflush"], rules)?;
             if rules.contains(iptables::LOCALNET_FIREWALL_COMMENT) {
                 sysctl(netns, "net.ipv4.conf.all.route_localnet", "1")?;
             }
@@ -129,6 +168,7 @@ pub fn install(mode: Mode, netns: &str, rules: &str) -> anyhow::Result<()> {
 /// Removes everything `install` added in `netns` (chains/table), leaving other rules.
 pub fn remove(mode: Mode, netns: &str) -> anyhow::Result<()> {
     match mode {
+        // Whichever backend installed them.
         Mode::Iptables => iptables::remove(netns),
         // "add" first so that "delete" cannot fail on a table that is not there.
         Mode::Nftables => exec_stdin(
