@@ -205,7 +205,7 @@ impl<'a> Progs<'a> {
 
 fn outcome_name(o: &Outcome) -> &'static str {
     match o {
-        Outcome::Refused => "refused by the kernel (shorter than Ethernet)",
+        Outcome::Refused => "refused by BPF_PROG_TEST_RUN (too short)",
         Outcome::Unchanged { .. } => "passed unchanged",
         Outcome::Dropped { .. } => "dropped",
         Outcome::Translated(_) => "translated",

@@ -193,7 +193,9 @@ pub fn route(dst: Ipv4Addr) -> Route {
     match o {
         [10, 244, 2, _] => Route::NodeIf(NODE2_MAC),
         [10, 244, 1, 10] => Route::PodIf(LOCAL_POD_MAC),
-        [10, 244, 1, 1] => Route::None,
+        // The interfaces' own addresses and their subnets' broadcast addresses (the network
+        // address is an ordinary on-link destination): the FIB does not forward to them.
+        [10, 244, 1, 1] | [10, 244, 1, 255] | [198, 18, 0, 255] => Route::None,
         [10, 244, 1, _] => Route::NoNeighbour,
         [198, 18, 0, 2] => Route::None,
         [198, 18, 0, 3] => Route::NodeIf(NODE2_MAC),
