@@ -78,9 +78,11 @@ fn forward(ctx: &XdpContext, p: &Packet, t: &Translation, len: u32) -> u32 {
             return XDP_PASS;
         }
     };
-    if !t.snat && action == XDP_REDIRECT {
+    if !t.snat && action != XDP_TX {
         // Another interface (a local pod's veth): the stack forwards a DNAT-only packet fine,
         // and redirecting into a veth needs an XDP program on its peer, which a pod never has.
+        // The same when the pod's neighbour is not resolved yet: the stack resolves it. Either
+        // way the packet goes up marked, so TC ingress neither translates nor counts it again.
         if rewrite(ctx, p, &t.nat, None).is_err() {
             count(Counter::DropRewrite, len);
             return XDP_DROP;

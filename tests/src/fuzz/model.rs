@@ -336,9 +336,9 @@ fn leave(hook: Hook, v: &View, nat: Nat) -> Outcome {
                     marked: Some(false),
                 }
             }
-            // The design marks every packet XDP judged; this one goes up unmarked (finding 1 in
-            // docs/RELIABILITY.md, tests/tests/fuzz_findings.rs), so the mark is not checked.
-            Route::NoNeighbour | Route::None => rw(XDP_PASS, None, None, false),
+            // DNAT-only to a pod whose neighbour is unresolved: up, translated and marked
+            // (finding 1 of docs/RELIABILITY.md, fixed; tests/tests/fuzz_findings.rs).
+            Route::NoNeighbour | Route::None => rw(XDP_PASS, Some(true), None, false),
         },
         Hook::TcIngress => match route {
             Route::None if nat.snat => {
