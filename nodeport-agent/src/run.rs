@@ -202,13 +202,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             _ = debounce => false,
             _ = resync.tick() => true,
             _ = sweep.tick() => {
-                match syncer.tables_mut().sweep_expired(monotonic_ns()) {
-                    Ok(0) => {}
-                    Ok(n) => info!(flows = n, "swept expired connections"),
-                    Err(e) => warn!(error = %e, "sweeping expired connections"),
-                }
-                // Counting walks the whole tables (~5 s for 524,288 flows): on a blocking thread,
-                // one count at a time, and for at most about a tenth of the time.
+                // Sweeping and counting each walk the whole tables (~5 s for 524,288 flows): on
+                // a blocking thread with its own handles on the pinned maps, never on this loop
+                // (a sync must not wait for them), one walk at a time, and for at most about a
+                // tenth of the time.
                 if let Some(h) = counting.take_if(|h| h.is_finished()) {
                     let took = h.await.unwrap_or_default();
                     next_count = Instant::now() + took * 9;
@@ -216,6 +213,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 if counting.is_none() && Instant::now() >= next_count {
                     let (dir, metrics) = (layout.dir(), metrics.clone());
                     counting = Some(tokio::task::spawn_blocking(move || {
+                        let swept = crate::tables::ServiceTables::open(&dir)
+                            .and_then(|mut t| t.sweep_expired(monotonic_ns()));
+                        match swept {
+                            Ok(0) => {}
+                            Ok(n) => info!(flows = n, "swept expired connections"),
+                            Err(e) => warn!(error = %e, "sweeping expired connections"),
+                        }
                         match crate::metrics::count_tables(&dir, monotonic_ns()) {
                             Ok(p) => {
                                 metrics.set_table_pressure(&p);

@@ -314,11 +314,14 @@ impl ServiceTables {
     /// packet comes; without a sweep, dead flows would sit in the tables until LRU eviction and
     /// keep their SNAT ports reserved). Returns how many flows went.
     pub fn sweep_expired(&mut self, now_ns: u64) -> Result<usize, Error> {
-        let expired: Vec<(FlowKey, CtEntry)> = self
-            .conntrack()?
-            .into_iter()
-            .filter(|(_, ct)| ct.expires_ns <= now_ns)
-            .collect();
+        // Only the expired entries are kept: a full table is 524,288 flows.
+        let mut expired: Vec<(FlowKey, CtEntry)> = Vec::new();
+        for kv in self.conntrack.iter() {
+            let (flow, ct) = kv.map_err(map_err(map_names::CONNTRACK))?;
+            if ct.expires_ns <= now_ns {
+                expired.push((flow, ct));
+            }
+        }
         for (flow, ct) in &expired {
             if let Some(rkey) = reply_key(flow, ct) {
                 // Only if it still points at this flow: the port may already serve a new one.
