@@ -7,7 +7,7 @@ use std::{
 
 use nodeport_common::{
     BACKEND_LOCAL, CT_LOCAL, CT_SNAT, Counter, FRONTEND_AFFINITY, FRONTEND_ETP_LOCAL, IPPROTO_TCP,
-    IPPROTO_UDP, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SEEN_REPLY, capacity, map_names,
+    IPPROTO_UDP, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST, TCP_SEEN_REPLY, map_names,
 };
 use serde::Serialize;
 
@@ -161,8 +161,11 @@ pub struct Status {
     pub counters: Vec<(String, u64, u64)>,
 }
 
-pub fn status(t: &ServiceTables, stats: &Stats) -> Result<Status, Error> {
+/// `dir` is the pin directory the tables were opened from: the capacities shown are the pinned
+/// maps' own `max_entries` (`--conntrack-entries` and `--rev-nat-entries` change them).
+pub fn status(t: &ServiceTables, stats: &Stats, dir: &std::path::Path) -> Result<Status, Error> {
     let cfg = t.config()?;
+    let capacity = |name: &str| crate::loader::pinned_max_entries(dir, name);
     Ok(Status {
         node_addresses: t.node_addrs()?.iter().map(ToString::to_string).collect(),
         snat_ports: format!("{}-{}", cfg.snat_port_min, cfg.snat_port_max),
@@ -170,22 +173,22 @@ pub fn status(t: &ServiceTables, stats: &Stats) -> Result<Status, Error> {
             MapFill {
                 map: map_names::FRONTENDS,
                 entries: t.services()?.len(),
-                capacity: capacity::FRONTENDS,
+                capacity: capacity(map_names::FRONTENDS)?,
             },
             MapFill {
                 map: map_names::BACKENDS,
                 entries: t.backends()?.len(),
-                capacity: capacity::BACKENDS,
+                capacity: capacity(map_names::BACKENDS)?,
             },
             MapFill {
                 map: map_names::CONNTRACK,
                 entries: t.conntrack()?.len(),
-                capacity: capacity::CONNTRACK,
+                capacity: capacity(map_names::CONNTRACK)?,
             },
             MapFill {
                 map: map_names::REV_NAT,
                 entries: t.rev_nat()?.len(),
-                capacity: capacity::REV_NAT,
+                capacity: capacity(map_names::REV_NAT)?,
             },
         ],
         counters: Counter::ALL

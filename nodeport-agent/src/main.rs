@@ -167,7 +167,7 @@ fn main() -> anyhow::Result<()> {
             let counters = Stats::read_pinned(&layout)?;
             print_out(
                 output,
-                &inspect::status(&t, &counters)?,
+                &inspect::status(&t, &counters, &layout.dir())?,
                 inspect::render_status,
             )?;
         }

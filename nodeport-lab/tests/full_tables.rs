@@ -548,6 +548,31 @@ fn conntrack_past_capacity_keeps_serving_new_flows() {
         show.contains(&format!("max_entries {}", f.conntrack)),
         "np_ct4 changed size: {show}"
     );
+    // `nodeport-agent status` reports the pinned tables' own size, not the object's default.
+    let status = sys::run(
+        agent_binary().to_str().unwrap(),
+        &[
+            "status",
+            "-o",
+            "json",
+            "--pin-root",
+            t.cfg.pin_root(&worker2).to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let capacity = |map: &str| {
+        status["maps"]
+            .as_array()
+            .and_then(|maps| maps.iter().find(|m| m["map"] == map))
+            .and_then(|m| m["capacity"].as_u64())
+    };
+    assert_eq!(capacity("np_ct4"), Some(u64::from(f.conntrack)), "{status}");
+    assert_eq!(
+        capacity("np_rnat4"),
+        Some(u64::from(f.conntrack)),
+        "{status}"
+    );
 }
 
 #[test]
