@@ -136,13 +136,26 @@ pub fn table(r: &Results, path: Path) -> String {
 /// tables and the plot. The reading (where we lose and why) is written by a person.
 pub fn section(r: &Results, plot: &str) -> String {
     let mut s = String::new();
+    let reps: Vec<String> = counts(r)
+        .into_iter()
+        .map(|c| {
+            let n = r
+                .samples
+                .iter()
+                .filter(|s| s.services == c)
+                .map(|s| s.rep + 1)
+                .max()
+                .unwrap_or(0);
+            format!("{n} at {c} services")
+        })
+        .collect();
     let _ = writeln!(
         s,
-        "Run of {} (`{}`, {:.0} min): {} repetition(s), dataplanes in rotating order within each repetition, {:.0} s per figure, {} concurrent connections; medians over repetitions, ratios taken pairwise within a repetition, then their median. SYN retx counts completed connections whose connect took over 900 ms (a dropped SYN, retransmitted after 1 s), summed over repetitions; failed ones did not complete within 4 s.\n",
+        "Run of {} (`{}`, {:.0} min): repetitions {}, dataplanes in rotating order within each repetition, {:.0} s per figure, {} concurrent connections; medians over repetitions, ratios taken pairwise within a repetition, then their median. SYN retx counts completed connections whose connect took over 900 ms (a dropped SYN, retransmitted after 1 s), summed over repetitions; failed ones did not complete within 4 s.\n",
         r.date,
         r.command,
         r.wall_s / 60.0,
-        r.reps,
+        reps.join(", "),
         r.duration_s,
         r.workers
     );

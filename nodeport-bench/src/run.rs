@@ -30,6 +30,8 @@ pub struct Options {
     /// Concurrent connections of the load generator.
     pub workers: usize,
     pub dataplanes: Vec<Dataplane>,
+    /// Written after every sample (the results so far), so a run cut short still has them.
+    pub progress: Option<PathBuf>,
 }
 
 /// One measurement: one dataplane, one path, one repetition.
@@ -284,6 +286,11 @@ pub fn run(opts: &Options, command: &str) -> anyhow::Result<Results> {
                         keep_alive,
                         bulk,
                     });
+                    if let Some(file) = &opts.progress {
+                        let so_far = results(opts, command, &samples, started);
+                        std::fs::write(file, serde_json::to_string_pretty(&so_far)?)
+                            .with_context(|| format!("writing {}", file.display()))?;
+                    }
                 }
             }
         }
@@ -292,7 +299,11 @@ pub fn run(opts: &Options, command: &str) -> anyhow::Result<Results> {
         dataplane::leave(&bench.lab, from)?;
     }
     drop(bench);
-    Ok(Results {
+    Ok(results(opts, command, &samples, started))
+}
+
+fn results(opts: &Options, command: &str, samples: &[Sample], started: Instant) -> Results {
+    Results {
         date: today(),
         command: command.to_owned(),
         services: opts.services.clone(),
@@ -300,9 +311,31 @@ pub fn run(opts: &Options, command: &str) -> anyhow::Result<Results> {
         duration_s: opts.duration.as_secs_f64(),
         workers: opts.workers,
         dataplanes: opts.dataplanes.clone(),
-        samples,
+        samples: samples.to_vec(),
         wall_s: started.elapsed().as_secs_f64(),
-    })
+    }
+}
+
+impl Results {
+    /// Adds an earlier run's samples (other service counts), e.g. 10,000 services measured with
+    /// fewer repetitions in a run of their own. Both commands are kept.
+    pub fn merge(&mut self, earlier: Results) {
+        let mine: std::collections::BTreeSet<usize> =
+            self.samples.iter().map(|s| s.services).collect();
+        self.samples.extend(
+            earlier
+                .samples
+                .into_iter()
+                .filter(|s| !mine.contains(&s.services)),
+        );
+        self.command = format!("{}` and `{}", earlier.command, self.command);
+        self.wall_s += earlier.wall_s;
+        for dp in earlier.dataplanes {
+            if !self.dataplanes.contains(&dp) {
+                self.dataplanes.push(dp);
+            }
+        }
+    }
 }
 
 fn today() -> String {

@@ -79,6 +79,7 @@ fn quick_mode_serves_every_dataplane_and_reports() {
         duration: Duration::from_millis(700),
         workers: 4,
         dataplanes: Dataplane::ALL.to_vec(),
+        progress: None,
     };
     let results = run::run(&opts, "bench_quick test").expect("the quick bench runs");
     let cfg = Config::new(&prefix, "w".into(), "a".into(), "e".into());

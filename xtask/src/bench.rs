@@ -2,7 +2,8 @@
 //! agent, the lab's echo server and the bench in release, then runs `nodeport-bench` (as root)
 //! in a lab of its own (`np-bench-*`): client → nodeIP:nodePort → pod for the direct path, ours
 //! (XDP, TC) and kube-proxy (iptables, nftables). Writes target/bench/{results.json,section.md}
-//! and the plot; a full run puts the plot in docs/bench/ (docs/BENCHMARKS.md).
+//! and the plot; a full run puts the plot in docs/bench/ (docs/BENCHMARKS.md), then measures the
+//! agent's own cost (target/bench/agent-cost.md).
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -28,6 +29,10 @@ pub struct Args {
     /// Dataplanes, comma-separated (direct, xdp, tc, iptables, nftables).
     #[arg(long, default_value = "direct,xdp,tc,iptables,nftables")]
     dataplanes: String,
+    /// An earlier run's results.json whose other service counts join this run's report (for
+    /// service counts measured with other repetitions; copy it out of target/bench first).
+    #[arg(long)]
+    merge: Option<PathBuf>,
 }
 
 pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
@@ -58,6 +63,9 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
             args.services, args.reps, args.duration
         ));
     }
+    if let Some(earlier) = &args.merge {
+        recorded.push_str(&format!(" --merge {}", earlier.display()));
+    }
     let mut cmd = Command::new(release.join("nodeport-bench"));
     cmd.arg("--agent")
         .arg(release.join("nodeport-agent"))
@@ -71,6 +79,9 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
         .args(["--dataplanes", &args.dataplanes])
         .args(["--command", &recorded])
         .current_dir(root);
+    if let Some(earlier) = &args.merge {
+        cmd.arg("--merge").arg(earlier);
+    }
     if args.quick {
         cmd.arg("--quick");
     } else {
@@ -85,5 +96,56 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
         "[bench] the section for docs/BENCHMARKS.md is {}",
         out_dir.join("section.md").display()
     );
+    if !args.quick {
+        agent_cost(root, &release, &out_dir, &args.services)?;
+    }
+    Ok(())
+}
+
+/// The agent's own cost (`nodeport-bench/src/agent_cost.rs`, the `agent-cost` binary) at the
+/// same service counts from 1,000 up, its table written to target/bench/agent-cost.md for the
+/// "The agent's cost" section of docs/BENCHMARKS.md.
+fn agent_cost(root: &Path, release: &Path, out_dir: &Path, services: &str) -> anyhow::Result<()> {
+    let counts: Vec<&str> = services
+        .split(',')
+        .filter(|c| c.trim().parse::<usize>().is_ok_and(|n| n >= 1000))
+        .collect();
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "nodeport-bench",
+            "--bin",
+            "agent-cost",
+        ])
+        .current_dir(root)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("building agent-cost failed: {status}");
+    }
+    eprintln!("[bench] the agent's cost at {} services", counts.join(", "));
+    let out = Command::new(release.join("agent-cost"))
+        .args(["--services", &counts.join(",")])
+        .arg("--agent")
+        .arg(release.join("nodeport-agent"))
+        .current_dir(root)
+        .output()
+        .context("running agent-cost")?;
+    if !out.status.success() {
+        bail!(
+            "agent-cost failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let table = String::from_utf8_lossy(&out.stdout);
+    print!("{table}");
+    std::fs::write(out_dir.join("agent-cost.md"), table.as_bytes())?;
     Ok(())
 }

@@ -55,6 +55,9 @@ struct Args {
     /// The command line to record in the results (default: this one).
     #[arg(long)]
     command: Option<String>,
+    /// An earlier run's results.json whose other service counts join this run's report.
+    #[arg(long)]
+    merge: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -87,14 +90,27 @@ fn real_main() -> anyhow::Result<()> {
             .iter()
             .map(|d| Dataplane::parse(d))
             .collect::<anyhow::Result<_>>()?,
+        progress: Some(args.out_dir.join("partial.json")),
+    };
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let earlier: Option<run::Results> = match &args.merge {
+        Some(file) => Some(
+            serde_json::from_slice(
+                &std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
+            )
+            .with_context(|| format!("parsing {}", file.display()))?,
+        ),
+        None => None,
     };
     let command = args
         .command
         .clone()
         .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
-    let results = run::run(&opts, &command)?;
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let mut results = run::run(&opts, &command)?;
+    if let Some(earlier) = earlier {
+        results.merge(earlier);
+    }
     let json = args.out_dir.join("results.json");
     std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
     let plot = args
