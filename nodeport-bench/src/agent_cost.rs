@@ -9,7 +9,8 @@
 //! - first sync: from spawning the process until its `/healthz` reports a first successful sync
 //!   (`status.IPv4.lastUpdated`, which the agent sets only after writing the maps), then checked
 //!   against the pinned maps (all N frontends there, each with its endpoints);
-//! - memory: `VmRSS` of the agent after that sync (and `VmHWM`, its peak);
+//! - memory: `VmRSS` of the agent after that sync (and `VmHWM`, its peak), and again after the
+//!   updates;
 //! - update latency: one endpoint address of one slice changed (the slice file written whole and
 //!   renamed over the old one), timed until the pinned maps hold the new backend for that
 //!   service's frontend (looked up directly in the maps: frontend, its slots, their backends).
@@ -55,6 +56,9 @@ pub struct AgentCost {
     pub rss_bytes: u64,
     /// VmHWM (peak resident memory) after the first sync.
     pub peak_rss_bytes: u64,
+    /// VmRSS and VmHWM after the updates (every update reloads the manifests).
+    pub rss_after_updates_bytes: u64,
+    pub peak_rss_after_updates_bytes: u64,
     /// File rewritten until the maps hold the new backend.
     pub update_p50: Duration,
     pub update_p99: Duration,
@@ -102,24 +106,30 @@ pub fn measure(opts: &AgentCostOptions) -> anyhow::Result<Vec<AgentCost>> {
 /// A markdown table of the results.
 pub fn render_markdown(results: &[AgentCost]) -> String {
     let mut out = String::from(
-        "| services | first full sync | RSS after sync (peak) | endpoint update p50 | p99 | agent's part (mean) | updates |\n\
-         |---------:|----------------:|----------------------:|--------------------:|----:|--------------------:|--------:|\n",
+        "| services | first full sync | RSS after sync (peak) | endpoint update p50 | p99 | agent's part (mean) | updates | RSS after the updates (peak) |\n\
+         |---------:|----------------:|----------------------:|--------------------:|----:|--------------------:|--------:|-----------------------------:|\n",
     );
     for r in results {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} MiB ({:.1} MiB) | {} | {} | {} | {} |",
+            "| {} | {} | {:.1} MiB ({:.1} MiB) | {} | {} | {} | {} | {:.1} MiB ({:.1} MiB) |",
             thousands(r.services),
             ms(r.first_sync),
-            r.rss_bytes as f64 / 1048576.0,
-            r.peak_rss_bytes as f64 / 1048576.0,
+            mib(r.rss_bytes),
+            mib(r.peak_rss_bytes),
             ms(r.update_p50),
             ms(r.update_p99),
             ms(r.programming_mean),
-            r.updates
+            r.updates,
+            mib(r.rss_after_updates_bytes),
+            mib(r.peak_rss_after_updates_bytes),
         );
     }
     out
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1048576.0
 }
 
 fn ms(d: Duration) -> String {
@@ -208,6 +218,7 @@ fn measure_one(opts: &AgentCostOptions, n: usize) -> anyhow::Result<AgentCost> {
         std::thread::sleep(Duration::from_millis(150));
     }
     let programming_after = in_netns(&run.ns, programming_sum_count)??;
+    let (rss_after_updates_bytes, peak_rss_after_updates_bytes) = memory(agent.id())?;
     if let Some(status) = agent.try_wait()? {
         bail!("the agent exited ({status}); log:\n{}", run.log_tail());
     }
@@ -223,6 +234,8 @@ fn measure_one(opts: &AgentCostOptions, n: usize) -> anyhow::Result<AgentCost> {
         first_sync,
         rss_bytes,
         peak_rss_bytes,
+        rss_after_updates_bytes,
+        peak_rss_after_updates_bytes,
         update_p50: percentile(&latencies, 50),
         update_p99: percentile(&latencies, 99),
         programming_mean,

@@ -47,6 +47,7 @@ fn agent_cost_small() {
     assert!(r.first_sync < std::time::Duration::from_secs(60), "{r:?}");
     assert!(r.rss_bytes > 1 << 20, "{r:?}");
     assert!(r.peak_rss_bytes >= r.rss_bytes, "{r:?}");
+    assert!(r.peak_rss_after_updates_bytes >= r.peak_rss_bytes, "{r:?}");
     assert!(r.update_p50 <= r.update_p99, "{r:?}");
     assert!(r.update_p50 > std::time::Duration::ZERO, "{r:?}");
     // The agent's part was measured (a sync per update) and is part of the whole.
