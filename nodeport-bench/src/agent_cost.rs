@@ -1,23 +1,32 @@
 //! The agent's own cost (docs/BENCHMARKS.md): time to first full sync and resident memory at
 //! 1,000 and 10,000 services, and change-to-map latency (p50, p99) of endpoint updates.
 //!
-//! For each service count the real `nodeport-agent run --manifests DIR` runs in a fresh network
-//! namespace (attached to a veth there, maps pinned under its own bpffs directory), reading N
+//! For each service count and each source the real `nodeport-agent run` runs in a fresh network
+//! namespace (attached to a veth there, maps pinned under its own bpffs directory), given N
 //! NodePort Services with one EndpointSlice of [`AgentCostOptions::endpoints_per_service`]
-//! endpoints each:
+//! endpoints each, through one of its two sources ([`AgentSource`]):
+//!
+//! - manifests: `--manifests DIR`, the objects in YAML files (Services in one file, slices 100 to
+//!   a file);
+//! - kube: `--kubeconfig F`, the objects listed and watched from a fake API server
+//!   (fake-apiserver: the real list/watch protocol over HTTP, in the same namespace, on its own
+//!   two threads).
+//!
+//! Measured:
 //!
 //! - first sync: from spawning the process until its `/healthz` reports a first successful sync
 //!   (`status.IPv4.lastUpdated`, which the agent sets only after writing the maps), then checked
 //!   against the pinned maps (all N frontends there, each with its endpoints);
 //! - memory: `VmRSS` of the agent after that sync (and `VmHWM`, its peak), and again after the
 //!   updates;
-//! - update latency: one endpoint address of one slice changed (the slice file written whole and
-//!   renamed over the old one), timed until the pinned maps hold the new backend for that
-//!   service's frontend (looked up directly in the maps: frontend, its slots, their backends).
-//!   The manifests source polls its directory every 500 ms and loads a change once two polls read
-//!   the same, so this latency includes 0.5-1 s of polling; the agent's own part (from the event
-//!   reaching the sync loop to the maps written, kube-proxy's
-//!   `network_programming_duration_seconds`) is read from its `/metrics` and reported apart.
+//! - update latency: one endpoint address of one slice changed (manifests: the slice file written
+//!   whole and renamed over the old one; kube: the slice replaced on the fake server, which sends
+//!   a MODIFIED watch event), timed until the pinned maps hold the new backend for that service's
+//!   frontend (looked up directly in the maps: frontend, its slots, their backends). The manifests
+//!   source polls its directory every 500 ms and loads a change once two polls read the same, so
+//!   its latency includes 0.5-1 s of polling; the agent's own part (from the event reaching the
+//!   sync loop to the maps written, kube-proxy's `network_programming_duration_seconds`) is read
+//!   from its `/metrics` and reported apart.
 use std::{
     fmt::Write as _,
     fs::File,
@@ -31,6 +40,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use aya::maps::{HashMap, Map, MapData};
+use fake_apiserver::{Fake, Res, ServerInNetns};
 use nodeport_common::{
     Backend, BackendKey, Frontend, FrontendKey, IPPROTO_TCP, Slot, SlotKey, map_names,
 };
@@ -44,11 +54,42 @@ pub struct AgentCostOptions {
     pub endpoints_per_service: usize,
     /// Endpoint updates timed per count.
     pub updates: usize,
+    /// Each count is measured through each of these.
+    pub sources: Vec<AgentSource>,
+}
+
+/// Where the agent reads the cluster from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentSource {
+    /// `--manifests DIR`: YAML files, polled.
+    Manifests,
+    /// `--kubeconfig F`: list and watch from a (fake) API server.
+    Kube,
+}
+
+impl AgentSource {
+    /// `manifests`, `kube` or `both`.
+    pub fn parse_list(s: &str) -> anyhow::Result<Vec<Self>> {
+        match s {
+            "manifests" => Ok(vec![Self::Manifests]),
+            "kube" => Ok(vec![Self::Kube]),
+            "both" => Ok(vec![Self::Manifests, Self::Kube]),
+            other => bail!("unknown source {other:?}: manifests, kube or both"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Manifests => "manifests",
+            Self::Kube => "kube",
+        }
+    }
 }
 
 /// One service count's figures.
 #[derive(Clone, Debug)]
 pub struct AgentCost {
+    pub source: AgentSource,
     pub services: usize,
     /// Process start until the maps hold every service.
     pub first_sync: Duration,
@@ -56,7 +97,7 @@ pub struct AgentCost {
     pub rss_bytes: u64,
     /// VmHWM (peak resident memory) after the first sync.
     pub peak_rss_bytes: u64,
-    /// VmRSS and VmHWM after the updates (every update reloads the manifests).
+    /// VmRSS and VmHWM after the updates.
     pub rss_after_updates_bytes: u64,
     pub peak_rss_after_updates_bytes: u64,
     /// File rewritten until the maps hold the new backend.
@@ -91,28 +132,33 @@ pub fn measure(opts: &AgentCostOptions) -> anyhow::Result<Vec<AgentCost>> {
     );
     ensure!(opts.endpoints_per_service > 0, "endpoints_per_service is 0");
     sweep_leftovers(&opts.agent);
-    opts.service_counts
-        .iter()
-        .map(|&n| {
-            ensure!(
-                n > 0 && FIRST_NODE_PORT + n <= 61_000,
-                "{n} services do not fit nodePorts {NODE_PORT_RANGE}"
+    let mut results = Vec::new();
+    for &n in &opts.service_counts {
+        ensure!(
+            n > 0 && FIRST_NODE_PORT + n <= 61_000,
+            "{n} services do not fit nodePorts {NODE_PORT_RANGE}"
+        );
+        for &source in &opts.sources {
+            results.push(
+                measure_one(opts, n, source)
+                    .with_context(|| format!("{n} services, {} source", source.name()))?,
             );
-            measure_one(opts, n).with_context(|| format!("{n} services"))
-        })
-        .collect()
+        }
+    }
+    Ok(results)
 }
 
 /// A markdown table of the results.
 pub fn render_markdown(results: &[AgentCost]) -> String {
     let mut out = String::from(
-        "| services | first full sync | RSS after sync (peak) | endpoint update p50 | p99 | agent's part (mean) | updates | RSS after the updates (peak) |\n\
-         |---------:|----------------:|----------------------:|--------------------:|----:|--------------------:|--------:|-----------------------------:|\n",
+        "| source | services | first full sync | RSS after sync (peak) | endpoint update p50 | p99 | agent's part (mean) | updates | RSS after the updates (peak) |\n\
+         |--------|---------:|----------------:|----------------------:|--------------------:|----:|--------------------:|--------:|-----------------------------:|\n",
     );
     for r in results {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} MiB ({:.1} MiB) | {} | {} | {} | {} | {:.1} MiB ({:.1} MiB) |",
+            "| {} | {} | {} | {:.1} MiB ({:.1} MiB) | {} | {} | {} | {} | {:.1} MiB ({:.1} MiB) |",
+            r.source.name(),
             thousands(r.services),
             ms(r.first_sync),
             mib(r.rss_bytes),
@@ -148,12 +194,13 @@ fn thousands(n: usize) -> String {
     out
 }
 
-fn measure_one(opts: &AgentCostOptions, n: usize) -> anyhow::Result<AgentCost> {
+fn measure_one(
+    opts: &AgentCostOptions,
+    n: usize,
+    source: AgentSource,
+) -> anyhow::Result<AgentCost> {
     let run = Run::new(&opts.agent, n)?;
     let endpoints = opts.endpoints_per_service;
-    std::fs::write(run.manifests.join("00-node.yaml"), node_yaml())?;
-    let services: String = (0..n).map(service_yaml).collect();
-    std::fs::write(run.manifests.join("01-services.yaml"), services)?;
     let mut slices: Vec<Vec<Ipv4Addr>> = (0..n)
         .map(|i| {
             (0..endpoints)
@@ -161,12 +208,39 @@ fn measure_one(opts: &AgentCostOptions, n: usize) -> anyhow::Result<AgentCost> {
                 .collect()
         })
         .collect();
-    for file in 0..n.div_ceil(SLICES_PER_FILE) {
-        write_slice_file(&run.manifests, file, &slices)?;
-    }
+    // The kube source's API server, serving every object before the agent starts (declared
+    // before the agent: stopped after it).
+    let fake = Fake::default();
+    let mut _server = None;
+    let source_args = match source {
+        AgentSource::Manifests => {
+            std::fs::write(run.manifests.join("00-node.yaml"), node_yaml())?;
+            let services: String = (0..n).map(service_yaml).collect();
+            std::fs::write(run.manifests.join("01-services.yaml"), services)?;
+            for file in 0..n.div_ceil(SLICES_PER_FILE) {
+                write_slice_file(&run.manifests, file, &slices)?;
+            }
+            vec!["--manifests".into(), run.manifests.clone()]
+        }
+        AgentSource::Kube => {
+            fake.put(Res::Nodes, yaml_object(&node_yaml())?);
+            for i in 0..n {
+                fake.put(Res::Services, yaml_object(&service_yaml(i))?);
+                fake.put(
+                    Res::EndpointSlices,
+                    yaml_object(&slice_yaml(i, &slices[i]))?,
+                );
+            }
+            let server = ServerInNetns::start(&fake, &format!("/run/netns/{}", run.ns));
+            let config = run.work.join("kubeconfig");
+            std::fs::write(&config, fake_apiserver::kubeconfig(server.port))?;
+            _server = Some(server);
+            vec!["--kubeconfig".into(), config]
+        }
+    };
 
     let started = Instant::now();
-    let mut agent = run.start()?;
+    let mut agent = run.start(&source_args)?;
     let health = in_netns(&run.ns, move || -> anyhow::Result<()> {
         while started.elapsed() < Duration::from_secs(600) {
             if let Ok(body) = http_get("/healthz")
@@ -200,7 +274,17 @@ fn measure_one(opts: &AgentCostOptions, n: usize) -> anyhow::Result<AgentCost> {
         let new_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + u as u32);
         slices[i][0] = new_ip;
         let t = Instant::now();
-        write_slice_file(&run.manifests, i / SLICES_PER_FILE, &slices)?;
+        match source {
+            AgentSource::Manifests => {
+                write_slice_file(&run.manifests, i / SLICES_PER_FILE, &slices)?;
+            }
+            AgentSource::Kube => {
+                fake.put(
+                    Res::EndpointSlices,
+                    yaml_object(&slice_yaml(i, &slices[i]))?,
+                );
+            }
+        }
         loop {
             if maps.backends(node_port(i))?.contains(&new_ip) {
                 break;
@@ -230,6 +314,7 @@ fn measure_one(opts: &AgentCostOptions, n: usize) -> anyhow::Result<AgentCost> {
     };
     latencies.sort();
     Ok(AgentCost {
+        source,
         services: n,
         first_sync,
         rss_bytes,
@@ -288,6 +373,16 @@ fn slice_yaml(i: usize, ips: &[Ipv4Addr]) -> String {
         );
     }
     out
+}
+
+/// One object of a manifest as the fake API server keeps it: JSON, without apiVersion and kind
+/// (it adds them to watch events; list items come without them).
+fn yaml_object(yaml: &str) -> anyhow::Result<serde_json::Value> {
+    let mut value: serde_json::Value = serde_yaml_ng::from_str(yaml)?;
+    let object = value.as_object_mut().context("not a mapping")?;
+    object.remove("apiVersion");
+    object.remove("kind");
+    Ok(value)
 }
 
 /// Writes slices file `file` whole under a dot name (skipped by the agent) and renames it into
@@ -416,13 +511,13 @@ impl Run {
         Ok(run)
     }
 
-    fn start(&self) -> anyhow::Result<AgentProcess> {
+    /// The agent, reading from `source_args` (`--manifests DIR` or `--kubeconfig F`).
+    fn start(&self, source_args: &[PathBuf]) -> anyhow::Result<AgentProcess> {
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.ns))
             .arg(&self.agent_bin)
             .args(["run", "--node-name", NODE, "--interfaces", "eth0"])
-            .arg("--manifests")
-            .arg(&self.manifests)
+            .args(source_args)
             .arg("--pin-root")
             .arg(&self.pin_root)
             .args(["--service-node-port-range", NODE_PORT_RANGE])

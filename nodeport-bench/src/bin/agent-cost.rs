@@ -1,10 +1,11 @@
-//! `agent-cost --services 1000,10000 [--endpoints 5] [--updates 200] [--agent PATH]`: the agent's
+//! `agent-cost --services 1000,10000 [--source manifests|kube|both] [--endpoints 5] [--updates 200]
+//! [--agent PATH]`: the agent's
 //! cost (docs/BENCHMARKS.md, "The agent's cost"), printed as a markdown table. The agent binary
 //! defaults to the `nodeport-agent` beside this one (`cargo build --release -p nodeport-agent`).
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use nodeport_bench::agent_cost::{AgentCostOptions, measure, render_markdown};
+use nodeport_bench::agent_cost::{AgentCostOptions, AgentSource, measure, render_markdown};
 
 fn main() -> anyhow::Result<()> {
     let mut opts = AgentCostOptions {
@@ -15,6 +16,7 @@ fn main() -> anyhow::Result<()> {
         service_counts: vec![1000, 10_000],
         endpoints_per_service: 5,
         updates: 200,
+        sources: vec![AgentSource::Manifests, AgentSource::Kube],
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -29,8 +31,9 @@ fn main() -> anyhow::Result<()> {
             "--endpoints" => opts.endpoints_per_service = value()?.parse()?,
             "--updates" => opts.updates = value()?.parse()?,
             "--agent" => opts.agent = PathBuf::from(value()?),
+            "--source" => opts.sources = AgentSource::parse_list(&value()?)?,
             other => bail!(
-                "unknown argument {other:?}; usage: agent-cost [--services N,M] [--endpoints N] [--updates N] [--agent PATH]"
+                "unknown argument {other:?}; usage: agent-cost [--services N,M] [--source manifests|kube|both] [--endpoints N] [--updates N] [--agent PATH]"
             ),
         }
     }
