@@ -58,6 +58,17 @@ struct Args {
     /// An earlier run's results.json whose other service counts join this run's report.
     #[arg(long)]
     merge: Option<PathBuf>,
+    /// Measure nothing: report these results (a results.json, or the partial.json of a run cut
+    /// short), merged with --merge.
+    #[arg(long)]
+    report_only: Option<PathBuf>,
+}
+
+fn read_results(file: &std::path::Path) -> anyhow::Result<run::Results> {
+    serde_json::from_slice(
+        &std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
+    )
+    .with_context(|| format!("parsing {}", file.display()))
 }
 
 fn main() -> ExitCode {
@@ -94,20 +105,15 @@ fn real_main() -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
-    let earlier: Option<run::Results> = match &args.merge {
-        Some(file) => Some(
-            serde_json::from_slice(
-                &std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
-            )
-            .with_context(|| format!("parsing {}", file.display()))?,
-        ),
-        None => None,
-    };
+    let earlier = args.merge.as_deref().map(read_results).transpose()?;
     let command = args
         .command
         .clone()
         .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
-    let mut results = run::run(&opts, &command)?;
+    let mut results = match &args.report_only {
+        Some(file) => read_results(file)?,
+        None => run::run(&opts, &command)?,
+    };
     if let Some(earlier) = earlier {
         results.merge(earlier);
     }
