@@ -83,9 +83,19 @@ pub fn parse(file: &Path, text: &str) -> (Vec<Resource>, Vec<Problem>) {
     (out.resources, out.problems)
 }
 
-/// The manifest files of a directory as read: (path, contents or the error reading them); or the
-/// error listing the directory.
-type Files = Result<Vec<(PathBuf, Result<Vec<u8>, String>)>, String>;
+/// The manifest files of a directory as read: (path, a hash of the contents or the error reading
+/// them); or the error listing the directory. Hashes rather than the contents: the poll loop keeps
+/// the last loaded and a pending state, and a copy of every file's bytes in each cost more memory
+/// than the parsed objects (and churned the allocator at every poll).
+type Files = Result<Vec<(PathBuf, Result<u64, String>)>, String>;
+
+fn content_hash(bytes: &[u8]) -> u64 {
+    // SipHash with fixed keys: stable across polls; 64 bits make a missed edit (two different
+    // contents with one hash) vanishingly unlikely.
+    let mut h = std::hash::DefaultHasher::new();
+    std::hash::Hasher::write(&mut h, bytes);
+    std::hash::Hasher::finish(&h)
+}
 
 fn read_files(dir: &Path) -> Files {
     let entries = fs::read_dir(dir).map_err(|e| format!("reading the directory: {e}"))?;
@@ -107,11 +117,17 @@ fn read_files(dir: &Path) -> Files {
         }
     }
     paths.sort();
+    // One buffer for every file: only the hashes are kept.
+    let mut buf = Vec::new();
     Ok(paths
         .into_iter()
         .map(|p| {
-            let contents = fs::read(&p).map_err(|e| format!("reading: {e}"));
-            (p, contents)
+            buf.clear();
+            let hash = fs::File::open(&p)
+                .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut buf))
+                .map(|_| content_hash(&buf))
+                .map_err(|e| format!("reading: {e}"));
+            (p, hash)
         })
         .collect())
 }
@@ -129,18 +145,20 @@ enum Entry {
     Problem(Problem),
 }
 
-/// Each file's contents as last parsed, and what the parse found: a reload parses only the files
-/// whose contents differ.
+/// Each file's contents (hash) as last parsed, and what the parse found: a reload parses only the
+/// files whose contents differ.
 #[derive(Default)]
 struct Cache {
-    files: BTreeMap<PathBuf, (Vec<u8>, Parsed)>,
+    files: BTreeMap<PathBuf, (u64, Parsed)>,
     /// Files parsed so far (the others were reused).
     parsed_files: usize,
 }
 
 impl Cache {
     /// The objects and problems of `files` (read from `dir`), parsing only what changed since the
-    /// last call; forgets files no longer there.
+    /// last call (read again for that: a file changed since `files` were read is parsed as it is
+    /// now, cached under its new hash, and seen changed at the next poll); forgets files no longer
+    /// there.
     fn load(&mut self, dir: &Path, files: &Files) -> (Vec<Resource>, Vec<Problem>) {
         let mut out = Combined::default();
         let files = match files {
@@ -157,23 +175,34 @@ impl Cache {
             }
         };
         let mut previous = std::mem::take(&mut self.files);
-        for (path, contents) in files {
-            let bytes = match contents {
-                Ok(bytes) => bytes,
+        for (path, hash) in files {
+            let hash = match hash {
+                Ok(hash) => *hash,
                 Err(error) => {
                     out.problems.push(whole_file(path, error.clone()));
                     continue;
                 }
             };
-            let parsed = match previous.remove(path) {
-                Some((old, parsed)) if old == *bytes => parsed,
-                _ => match std::str::from_utf8(bytes).inspect(|_| self.parsed_files += 1) {
-                    Ok(text) => parse_file(path, text),
-                    Err(e) => vec![Entry::Problem(whole_file(path, format!("not UTF-8: {e}")))],
-                },
+            let (hash, parsed) = match previous.remove(path) {
+                Some((old, parsed)) if old == hash => (hash, parsed),
+                _ => {
+                    let bytes = match fs::read(path) {
+                        Ok(bytes) => bytes,
+                        Err(e) => {
+                            out.problems.push(whole_file(path, format!("reading: {e}")));
+                            continue;
+                        }
+                    };
+                    self.parsed_files += 1;
+                    let parsed = match std::str::from_utf8(&bytes) {
+                        Ok(text) => parse_file(path, text),
+                        Err(e) => vec![Entry::Problem(whole_file(path, format!("not UTF-8: {e}")))],
+                    };
+                    (content_hash(&bytes), parsed)
+                }
             };
             out.add(path, &parsed);
-            self.files.insert(path.clone(), (bytes.clone(), parsed));
+            self.files.insert(path.clone(), (hash, parsed));
         }
         (out.resources, out.problems)
     }
@@ -413,12 +442,13 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
 /// change, until `tx`'s receiver is dropped.
 ///
 /// The directory is polled every `poll` ([`DEFAULT_POLL`]): the file list and every file's
-/// contents are read and compared with the last load. Polling rather than inotify because it needs
+/// contents are read and their hashes compared with the last load's; only the files that differ
+/// are parsed again. Polling rather than inotify because it needs
 /// no extra dependency and works the same everywhere: on ConfigMap volumes (whose files are
 /// symlinks swapped atomically through `..data`, which inotify on the directory misses), bind
 /// mounts, network filesystems, and a directory that does not exist yet; and comparing contents
-/// rather than mtimes and sizes misses no edit, however quick. A manifests directory is small, so
-/// reading it twice a second costs nothing. A change is loaded once the directory read the same on
+/// rather than mtimes and sizes misses no edit, however quick. Reading even 20,000 objects' files
+/// twice a second costs little next to parsing them, which happens only on a change. A change is loaded once the directory read the same on
 /// two consecutive polls, so a file caught half-written is not loaded (and its objects are not
 /// briefly deleted); a directory that changes at every poll (EndpointSlices rewritten faster than
 /// the poll period, as under pod churn) is loaded anyway after [`MAX_UNSTABLE_POLLS`], so changes
@@ -454,7 +484,21 @@ pub async fn run(dir: PathBuf, tx: mpsc::Sender<SourceEvent>, poll: Duration) {
             }
         };
         if let (true, Some(files)) = (load, files) {
-            let (resources, problems) = cache.load(&dir, &files);
+            // Parsing is CPU work (seconds for a large directory's first load): on a blocking
+            // thread, not the runtime's workers.
+            let (mut c, d) = (std::mem::take(&mut cache), dir.clone());
+            let Ok((c, files, (resources, problems))) = tokio::task::spawn_blocking(move || {
+                let out = c.load(&d, &files);
+                (c, files, out)
+            })
+            .await
+            else {
+                // Only a panic (none expected): start over with an empty cache next poll.
+                loaded = None;
+                tokio::time::sleep(poll).await;
+                continue;
+            };
+            cache = c;
             for p in &problems {
                 warn!(problem = %p, "manifest skipped");
             }
