@@ -9,8 +9,8 @@
 //!   (switching a lab between them), [`load`] (the load generator), [`report`] (medians, ratios,
 //!   the markdown section and the plot).
 pub mod agent_cost;
-pub mod kubeproxy;
 pub mod dataplane;
+pub mod kubeproxy;
 pub mod load;
 pub mod report;
 pub mod run;
