@@ -224,12 +224,9 @@ fn measure_one(
         }
         AgentSource::Kube => {
             fake.put(Res::Nodes, yaml_object(&node_yaml())?);
-            for i in 0..n {
+            for (i, ips) in slices.iter().enumerate() {
                 fake.put(Res::Services, yaml_object(&service_yaml(i))?);
-                fake.put(
-                    Res::EndpointSlices,
-                    yaml_object(&slice_yaml(i, &slices[i]))?,
-                );
+                fake.put(Res::EndpointSlices, yaml_object(&slice_yaml(i, ips))?);
             }
             let server = ServerInNetns::start(&fake, &format!("/run/netns/{}", run.ns));
             let config = run.work.join("kubeconfig");

@@ -136,6 +136,8 @@ fn read_files(dir: &Path) -> Files {
 /// own. Duplicates across documents and files are found when the files are combined.
 type Parsed = Vec<Entry>;
 
+// Most entries are objects; boxing them would add an allocation to each.
+#[allow(clippy::large_enum_variant)]
 enum Entry {
     Object {
         document: usize,
