@@ -50,7 +50,11 @@ pub struct FlowRow {
     pub client: String,
     pub frontend: String,
     pub backend: String,
+    /// node address:port of a source-NATed flow (remote backend).
     pub snat: Option<String>,
+    /// client address:port the backend sees for a DNAT-only flow whose client port was remapped
+    /// because another live flow already reached the pod with the client's own tuple.
+    pub port_remap: Option<String>,
     pub protocol: String,
     pub state: String,
     pub expires_in_s: i64,
@@ -133,6 +137,8 @@ pub fn conntrack(t: &ServiceTables) -> Result<Vec<FlowRow>, Error> {
             frontend: sock(k.daddr, k.dport),
             backend: sock(ct.backend_addr, ct.backend_port),
             snat: (ct.flags & CT_SNAT != 0).then(|| sock(ct.nat_addr, ct.nat_port)),
+            port_remap: (ct.flags & CT_LOCAL != 0 && ct.nat_port != 0)
+                .then(|| sock(ct.nat_addr, ct.nat_port)),
             protocol: proto_name(k.proto),
             state: if ct.flags & CT_LOCAL != 0 || ct.flags & CT_SNAT != 0 {
                 tcp_state(k.proto, ct.tcp_state)
@@ -292,7 +298,11 @@ pub fn render_conntrack(rows: &[FlowRow]) -> String {
                 f.client.clone(),
                 f.frontend.clone(),
                 f.backend.clone(),
-                f.snat.clone().unwrap_or_else(|| "-".into()),
+                match (&f.snat, &f.port_remap) {
+                    (Some(snat), _) => snat.clone(),
+                    (None, Some(remap)) => format!("{remap} (port remap)"),
+                    (None, None) => "-".into(),
+                },
                 f.state.clone(),
                 f.expires_in_s.to_string(),
             ]

@@ -90,23 +90,11 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The reverse-NAT key a conntrack entry owns (what its replies arrive as).
+/// The reverse-NAT key a conntrack entry owns (what its replies arrive as): the same function
+/// the programs use, so a source-NATed flow and a DNAT-only flow whose client port was remapped
+/// are both found under their rewritten source. None for an entry that is neither.
 pub fn reply_key(flow: &FlowKey, ct: &CtEntry) -> Option<FlowKey> {
-    let (daddr, dport) = if ct.flags & CT_SNAT != 0 {
-        (ct.nat_addr, ct.nat_port)
-    } else if ct.flags & CT_LOCAL != 0 {
-        (flow.saddr, flow.sport)
-    } else {
-        return None;
-    };
-    Some(FlowKey {
-        saddr: ct.backend_addr,
-        daddr,
-        sport: ct.backend_port,
-        dport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    })
+    (ct.flags & (CT_SNAT | CT_LOCAL) != 0).then(|| ct.reply_key(flow))
 }
 
 fn map_err(name: &str) -> impl Fn(MapError) -> Error + '_ {

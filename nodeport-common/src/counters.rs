@@ -34,7 +34,8 @@ pub enum Counter {
     DropNoBackend = 11,
     /// Dropped: externalTrafficPolicy=Local and this node has no local backend.
     DropNoLocalBackend = 12,
-    /// Dropped: no free SNAT port for this backend.
+    /// Dropped: no free SNAT port for this backend, or no free port to remap the client's port
+    /// of a DNAT-only flow whose tuple towards the pod another live flow holds.
     DropSnatExhausted = 13,
     /// Dropped: a connection-tracking insert failed.
     DropCtInsert = 14,

@@ -189,7 +189,7 @@ pub struct Backend {
 /// A connection's 5-tuple, as a packet carries it (network byte order).
 /// In `np_ct4` it is the client's original tuple (client -> node:nodePort); in `np_rnat4` it is
 /// the reply's tuple as it arrives at this node (backend -> node:snatPort, or backend -> client
-/// for a local backend).
+/// for a local backend, at the remapped port when the client's port clashed).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
@@ -224,9 +224,13 @@ pub struct CtEntry {
     /// none), the flow's backend is gone.
     pub backend_addr: u32,
     pub backend_port: u16,
-    /// SNAT source port (network byte order); 0 without SNAT.
+    /// The source port the backend sees when it is not the client's (network byte order): the
+    /// SNAT port of a `CT_SNAT` flow, or for a DNAT-only (`CT_LOCAL`) flow the port its client's
+    /// port was remapped to because another live flow already reaches the pod with the same
+    /// tuple (netfilter's implicit source-port remap). 0: the client's own port, unchanged.
     pub nat_port: u16,
-    /// SNAT source address (network byte order); 0 without SNAT.
+    /// The source address with `nat_port` (network byte order): the node address of a `CT_SNAT`
+    /// flow, the client's own address for a remapped `CT_LOCAL` flow; 0 when `nat_port` is 0.
     pub nat_addr: u32,
     pub svc_id: u32,
     /// `CT_*` flags.
@@ -234,6 +238,28 @@ pub struct CtEntry {
     /// `TCP_*` state bits (0 for UDP).
     pub tcp_state: u8,
     pub _pad: [u8; 2],
+}
+
+impl CtEntry {
+    /// The tuple the backend's replies to `flow` (this entry's key) carry, which is the
+    /// `np_rnat4` key the flow owns: backend -> the source the backend saw (`nat_addr:nat_port`
+    /// when the source was rewritten, else the client's own address and port).
+    #[inline(always)]
+    pub fn reply_key(&self, flow: &FlowKey) -> FlowKey {
+        let (daddr, dport) = if self.nat_port != 0 {
+            (self.nat_addr, self.nat_port)
+        } else {
+            (flow.saddr, flow.sport)
+        };
+        FlowKey {
+            saddr: self.backend_addr,
+            daddr,
+            sport: self.backend_port,
+            dport,
+            proto: flow.proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// Reverse-NAT entry: from a reply's tuple back to the forward flow it belongs to.

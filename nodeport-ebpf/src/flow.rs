@@ -3,7 +3,7 @@
 //! forwarding are the attach point's business.
 use nodeport_common::{
     BACKEND_LOCAL, CT_LOCAL, CT_SNAT, Config, Counter, CtEntry, FlowKey, Frontend, FrontendKey,
-    IPPROTO_TCP, NodeAddrKey, RevNat,
+    IPPROTO_TCP, NodeAddrKey,
 };
 
 use crate::{
@@ -90,39 +90,20 @@ pub fn ingress(p: &Packet) -> Decision {
     Decision::Pass(Counter::PassNotNodePort)
 }
 
+/// The forward packet's new addressing: to the backend, from the source the backend must see
+/// (the node address and SNAT port, the client with a remapped port, or the client as it is).
 #[inline(always)]
 fn forward_nat(p: &Packet, ct: &CtEntry) -> Nat {
-    if ct.flags & CT_SNAT != 0 {
-        Nat {
-            saddr: ct.nat_addr,
-            sport: ct.nat_port,
-            daddr: ct.backend_addr,
-            dport: ct.backend_port,
-        }
-    } else {
-        Nat {
-            saddr: p.saddr,
-            sport: p.sport,
-            daddr: ct.backend_addr,
-            dport: ct.backend_port,
-        }
-    }
-}
-
-#[inline(always)]
-fn reply_key_of(p: &Packet, ct: &CtEntry) -> FlowKey {
-    let (daddr, dport) = if ct.flags & CT_SNAT != 0 {
+    let (saddr, sport) = if ct.nat_port != 0 {
         (ct.nat_addr, ct.nat_port)
     } else {
         (p.saddr, p.sport)
     };
-    FlowKey {
-        saddr: ct.backend_addr,
-        daddr,
-        sport: ct.backend_port,
-        dport,
-        proto: p.proto,
-        _pad: [0; 3],
+    Nat {
+        saddr,
+        sport,
+        daddr: ct.backend_addr,
+        dport: ct.backend_port,
     }
 }
 
@@ -152,8 +133,12 @@ fn service(p: &Packet, fe: Frontend, cfg: &Config) -> Decision {
                 _ => counter = Counter::Reselected,
             }
         }
-        // Expired or its backend is gone: forget the old reply mapping, balance anew.
-        let _ = REV_NAT.remove(&reply_key_of(p, &ct));
+        // Expired or its backend is gone: forget the old reply mapping (unless another flow
+        // has taken its tuple over since), balance anew.
+        let rkey = ct.reply_key(&key);
+        if unsafe { REV_NAT.get(&rkey) }.is_some_and(|rn| rn.flow == key) {
+            let _ = REV_NAT.remove(&rkey);
+        }
     }
     let (backend_id, b) = match lb::select(&fe, p.saddr, now) {
         Ok(x) => x,
@@ -173,15 +158,21 @@ fn service(p: &Packet, fe: Frontend, cfg: &Config) -> Decision {
     };
     account(&mut ct, p.proto, p.tcp_flags, Dir::Client, cfg, now);
     if b.flags & BACKEND_LOCAL != 0 {
-        // Local pod: DNAT only, the pod sees the client. Its reply leaves through TC egress,
-        // which finds the flow by the reply's tuple.
+        // Local pod: DNAT only, the pod sees the client's address. Its reply leaves through TC
+        // egress, which finds the flow by the reply's tuple. The client's port is kept unless
+        // another live flow already reaches the pod with this tuple (same client and port to
+        // another nodePort or node address): then it is remapped, or the pod could not tell the
+        // two connections apart and their replies would share one translation.
         ct.flags = CT_LOCAL;
-        let rkey = nat::reply_key(&b, p.saddr, p.sport);
-        if REV_NAT.insert(&rkey, &RevNat { flow: key }, 0).is_err() {
-            return Decision::Drop(Counter::DropCtInsert);
+        let Some(port) = nat::alloc_port(&key, &b, p.saddr, true, cfg, now) else {
+            return Decision::Drop(Counter::DropSnatExhausted);
+        };
+        if port != p.sport {
+            ct.nat_addr = p.saddr;
+            ct.nat_port = port;
         }
     } else {
-        let Some(port) = nat::alloc_snat(&key, &b, p.daddr, cfg, now) else {
+        let Some(port) = nat::alloc_port(&key, &b, p.daddr, false, cfg, now) else {
             return Decision::Drop(Counter::DropSnatExhausted);
         };
         ct.flags = CT_SNAT;
@@ -189,7 +180,7 @@ fn service(p: &Packet, fe: Frontend, cfg: &Config) -> Decision {
         ct.nat_port = port;
     }
     if CONNTRACK.insert(&key, &ct, 0).is_err() {
-        let _ = REV_NAT.remove(&reply_key_of(p, &ct));
+        let _ = REV_NAT.remove(&ct.reply_key(&key));
         return Decision::Drop(Counter::DropCtInsert);
     }
     Decision::Translate(Translation {
@@ -210,14 +201,9 @@ fn tracked_reply(p: &Packet, cfg: &Config, want: u8) -> Option<(FlowKey, u32)> {
     let ctp = CONNTRACK.get_ptr_mut(&fwd)?;
     let mut ct = unsafe { *ctp };
     let now = now_ns();
-    if ct.flags & want == 0
-        || ct.expires_ns <= now
-        || ct.backend_addr != p.saddr
-        || ct.backend_port != p.sport
-    {
-        return None;
-    }
-    if want == CT_SNAT && (ct.nat_port != p.dport || ct.nat_addr != p.daddr) {
+    // The reply must be exactly the tuple the flow's replies carry (backend, and the source the
+    // backend saw: SNAT address and port, remapped port, or the client's own).
+    if ct.flags & want == 0 || ct.expires_ns <= now || ct.reply_key(&fwd) != rkey {
         return None;
     }
     account(&mut ct, p.proto, p.tcp_flags, Dir::Backend, cfg, now);

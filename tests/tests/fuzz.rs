@@ -68,6 +68,13 @@ fn fuzz_programs_against_the_model() {
                     report.by_outcome.get("translated").copied().unwrap_or(0) > per_stream / 10,
                     "too few translated packets for the fuzzing to mean anything: {report}"
                 );
+                if per_stream >= 100_000 {
+                    assert!(
+                        report.local_port_remaps > 0,
+                        "no DNAT-only flow needed a source-port remap, so the clash path \
+                         (docs/RELIABILITY.md, finding 2) went unchecked: {report}"
+                    );
+                }
                 total += report.packets;
             }
             Ok(Err(failure)) => failures.push(failure.to_string()),

@@ -1,6 +1,7 @@
 //! What the packet fuzzer (tests/tests/fuzz.rs) found, reduced to minimal packets: each test
-//! pins down the behaviour today and says what is wrong with it (docs/RELIABILITY.md, "Packet
-//! fuzzing", findings). The maps and the namespace are the fuzzer's world (`fuzz::world`).
+//! pins down the behaviour today, the fix where there is one, or what is still wrong with it
+//! (docs/RELIABILITY.md, "Packet fuzzing", findings). The maps and the namespace are the
+//! fuzzer's world (`fuzz::world`).
 use std::net::Ipv4Addr;
 
 use nodeport_common::program_names;
@@ -45,47 +46,137 @@ fn xdp_dnat_to_an_unresolved_local_pod_goes_up_translated_and_marked() {
 }
 
 /// Finding 2 (in every run, ~8,000 times per 500,000 packets with the fuzzer's small client
-/// pools): two DNAT-only flows of one client, from the same source port to two nodePorts served
-/// by the same local pod port, reach the pod as one tuple. The reverse-NAT entry of the second
-/// overwrites the first's, so every reply of the pod leaves with the second nodePort as source,
-/// also the first flow's: the first client connection breaks. kube-proxy never sends such a
-/// reply: it masquerades nodePort traffic to local endpoints under eTP Cluster (a fresh source
-/// port), and conntrack refuses a clashing tuple. A fix needs a source-port remap for the
-/// second flow (DNAT + SNAT on a clash).
+/// pools), fixed: two DNAT-only flows of one client, from the same source port to two nodePorts
+/// (or node addresses) served by the same local pod port, reached the pod as one tuple, and the
+/// second flow's reverse-NAT entry overwrote the first's, so every reply of the pod left with the
+/// second nodePort as source and the first connection broke. Now, like netfilter's implicit
+/// source-port remap (nf_nat `get_unique_tuple`), a flow whose tuple towards the pod another
+/// live flow holds gets another source port from the SNAT range; the client's address stays.
 #[test]
-fn two_dnat_only_flows_with_one_pod_tuple_share_one_reply_translation() {
+fn dnat_only_flows_with_one_pod_tuple_get_their_source_port_remapped() {
     let h = fuzz_world();
     let port = 61000;
-    // Flow A to NP_LOCAL (30081), flow B to the eTP Local service 30103: both LOCAL_POD:8080.
-    for node_port in [NP_LOCAL, 30103] {
-        let syn =
-            Frame::tcp((CLIENT, port), (NODE, node_port), SYN).with_macs(CLIENT_MAC, NODE_MAC);
-        let (verdict, out) = h.xdp(&syn.build());
-        assert_eq!(verdict, XDP_PASS);
+    let to = |node: Ipv4Addr, node_port: u16, sport: u16, flags: u8| {
+        Frame::tcp((CLIENT, sport), (node, node_port), flags).with_macs(CLIENT_MAC, NODE_MAC)
+    };
+    let at_pod = |sport: u16, flags: u8| {
+        Frame::tcp((CLIENT, sport), (LOCAL_POD, 8080), flags).with_macs(CLIENT_MAC, NODE_MAC)
+    };
+    // Flow A to NP_LOCAL (30081) keeps the client's port; flow B to the eTP Local service 30103
+    // and flow C to NP_LOCAL on the second node address reach the same LOCAL_POD:8080 from the
+    // same client port, so each gets a port of its own, the client's address unchanged.
+    let (verdict, out) = h.xdp(&to(NODE, NP_LOCAL, port, SYN).build());
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, at_pod(port, SYN).build(), "flow A: DNAT only");
+    let mut remapped = Vec::new();
+    for (node, node_port) in [(NODE, 30103), (world::NODE_B, NP_LOCAL)] {
+        let (verdict, out) = h.xdp(&to(node, node_port, port, SYN).build());
+        assert_eq!(
+            verdict, XDP_PASS,
+            "DNAT only: the stack forwards it to the pod"
+        );
+        let p = packet::parse_and_verify(&out).unwrap();
+        assert_eq!((p.src, p.dst, p.dport), (CLIENT, LOCAL_POD, 8080));
+        assert!(
+            (SNAT_MIN..=SNAT_MAX).contains(&p.sport) && p.sport != port,
+            "{node}:{node_port}: source port {} must be remapped into the SNAT range",
+            p.sport
+        );
+        assert!(
+            !remapped.contains(&p.sport),
+            "two flows share port {}",
+            p.sport
+        );
+        assert_eq!(out, at_pod(p.sport, SYN).build(), "only the port changes");
+        remapped.push(p.sport);
+    }
+    let (b_port, c_port) = (remapped[0], remapped[1]);
+    assert_eq!(h.tables.conntrack().unwrap().len(), 3);
+    assert_eq!(
+        h.tables.rev_nat().unwrap().len(),
+        3,
+        "one reverse entry per flow"
+    );
+
+    // Later packets of each flow are translated the same way, on XDP and on TC ingress.
+    let (verdict, out) = h.xdp(&to(NODE, 30103, port, packet::ACK).build());
+    assert_eq!(
+        (verdict, out),
+        (XDP_PASS, at_pod(b_port, packet::ACK).build())
+    );
+    let (verdict, out) = h.tc(
+        program_names::TC_INGRESS,
+        h.net.node_ifindex,
+        &to(NODE, NP_LOCAL, port, packet::ACK).build(),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let mut want = at_pod(port, packet::ACK);
+    want.ttl = 63;
+    assert_eq!(
+        out,
+        want.build(),
+        "flow A on TC ingress: the client's own port"
+    );
+    let (verdict, out) = h.tc(
+        program_names::TC_INGRESS,
+        h.net.node_ifindex,
+        &to(world::NODE_B, NP_LOCAL, port, packet::ACK).build(),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let mut want = at_pod(c_port, packet::ACK);
+    want.ttl = 63;
+    assert_eq!(out, want.build(), "flow C on TC ingress: its remapped port");
+
+    // The pod's replies go back to the client's own port, each from its flow's node address
+    // and nodePort.
+    for (pod_dport, src) in [
+        (port, (NODE, NP_LOCAL)),
+        (b_port, (NODE, 30103)),
+        (c_port, (world::NODE_B, NP_LOCAL)),
+    ] {
+        let reply = Frame::tcp((LOCAL_POD, 8080), (CLIENT, pod_dport), SYN | packet::ACK)
+            .with_macs(NODE_MAC, CLIENT_MAC);
+        let (verdict, out) = h.tc(program_names::TC_EGRESS, h.net.node_ifindex, &reply.build());
+        assert_eq!(verdict, TC_ACT_OK);
         let want =
-            Frame::tcp((CLIENT, port), (LOCAL_POD, 8080), SYN).with_macs(CLIENT_MAC, NODE_MAC);
+            Frame::tcp(src, (CLIENT, port), SYN | packet::ACK).with_macs(NODE_MAC, CLIENT_MAC);
         assert_eq!(
             out,
             want.build(),
-            "both flows reach the pod as the same tuple"
+            "the pod's reply to {CLIENT}:{pod_dport} leaves as {}:{} -> {CLIENT}:{port}",
+            src.0,
+            src.1
         );
+        packet::parse_and_verify(&out).unwrap();
     }
-    assert_eq!(h.tables.conntrack().unwrap().len(), 2);
-    assert_eq!(
-        h.tables.rev_nat().unwrap().len(),
-        1,
-        "one reverse entry for two flows"
+
+    // A flow whose own client port is a remapped flow's port towards the pod is remapped too.
+    let (verdict, out) = h.xdp(&to(NODE, NP_LOCAL, b_port, SYN).build());
+    assert_eq!(verdict, XDP_PASS);
+    let d = packet::parse_and_verify(&out).unwrap();
+    assert!(
+        ![port, b_port, c_port].contains(&d.sport) && (SNAT_MIN..=SNAT_MAX).contains(&d.sport),
+        "port {} of a flow from {CLIENT}:{b_port}",
+        d.sport
     );
-    let reply = Frame::tcp((LOCAL_POD, 8080), (CLIENT, port), SYN | packet::ACK)
-        .with_macs(NODE_MAC, CLIENT_MAC);
-    let (verdict, out) = h.tc(program_names::TC_EGRESS, h.net.node_ifindex, &reply.build());
-    assert_eq!(verdict, TC_ACT_OK);
-    let p = packet::parse_and_verify(&out).unwrap();
+
+    // `list conntrack` shows the remapped port; the sweep finds every flow's reverse entry.
+    let rows = nodeport_agent::inspect::conntrack(&h.tables).unwrap();
+    let row = |client_port: u16, frontend: String| {
+        rows.iter()
+            .find(|r| r.client == format!("{CLIENT}:{client_port}") && r.frontend == frontend)
+            .unwrap_or_else(|| panic!("no row for {client_port} -> {frontend} in {rows:?}"))
+    };
+    assert_eq!(row(port, format!("{NODE}:{NP_LOCAL}")).port_remap, None);
     assert_eq!(
-        (p.src, p.sport),
-        (NODE, 30103),
-        "the reply leaves as the last flow's; flow A's client expected {NODE}:{NP_LOCAL}"
+        row(port, format!("{NODE}:30103")).port_remap,
+        Some(format!("{CLIENT}:{b_port}"))
     );
+    assert_eq!(row(port, format!("{NODE}:30103")).snat, None);
+    let mut h = h;
+    assert_eq!(h.tables.sweep_expired(u64::MAX).unwrap(), 4);
+    assert!(h.tables.conntrack().unwrap().is_empty());
+    assert!(h.tables.rev_nat().unwrap().is_empty());
 }
 
 /// Finding 3 (by design, docs/ARCHITECTURE.md does not translate ICMP): an ICMP error about a

@@ -1044,6 +1044,93 @@ fn established_connection_survives_backend_churn() {
     assert_eq!(node1.counter(Counter::DropStaleSlot), 0, "{}", lab.report());
 }
 
+/// Connects from `local` (bound with SO_REUSEADDR, so two connections to different destinations
+/// can share one client port, as the kernel allows) to `dst`, from the calling thread's namespace.
+fn connect_from(local: SocketAddrV4, dst: SocketAddrV4) -> std::io::Result<Conn> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::V4(local).into())?;
+    s.connect_timeout(&SocketAddr::V4(dst).into(), CONNECT_TIMEOUT)?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    let local = s.local_addr()?;
+    Ok(Conn {
+        reader: BufReader::new(s),
+        local,
+    })
+}
+
+/// One client port, two nodePorts served by the same local pod (docs/RELIABILITY.md, packet
+/// fuzzing finding 2): without a remap both connections would reach the pod as one tuple. The
+/// second gets another source port (the client's address kept, as netfilter's implicit
+/// source-port remap does), and both real TCP connections work side by side.
+#[test]
+fn one_client_port_to_two_node_ports_of_one_local_pod_keeps_both_connections() {
+    const SECOND_NODE_PORT: u16 = 30082;
+    const CLIENT_PORT: u16 = 45678;
+    let lab = Lab::new(Ingress::Tc);
+    lab.set_services(0, &[POD1], 0);
+    lab.nodes[0]
+        .tables()
+        .put_service(&ServiceEntry {
+            node_port: SECOND_NODE_PORT,
+            proto: IPPROTO_TCP,
+            svc_id: 3,
+            flags: 0,
+            affinity_timeout_s: 0,
+            backends: vec![backend_id(lab.pod(POD1).backend_id, IPPROTO_TCP)],
+        })
+        .expect("put_service");
+    let local = SocketAddrV4::new(CLIENT, CLIENT_PORT);
+    let (first, second) = lab.client.run(|| {
+        (
+            connect_from(local, SocketAddrV4::new(NODE1, TCP_NODE_PORT)),
+            connect_from(local, SocketAddrV4::new(NODE1, SECOND_NODE_PORT)),
+        )
+    });
+    let mut first = first.unwrap_or_else(|e| panic!("first connection: {e}\n{}", lab.report()));
+    let mut second = second.unwrap_or_else(|e| panic!("second connection: {e}\n{}", lab.report()));
+    let mut peers = Vec::new();
+    for round in 0..3 {
+        for (name, c) in [("first", &mut first), ("second", &mut second)] {
+            let pad = if round == 1 { LARGE } else { 0 };
+            let seen = c.ask(pad).unwrap_or_else(|e| {
+                panic!("{name} connection, round {round}: {e}\n{}", lab.report())
+            });
+            assert_eq!(seen.pod, POD1);
+            assert_eq!(seen.client, local, "{name}: the client's own socket");
+            assert_eq!(
+                *seen.peer.ip(),
+                CLIENT,
+                "{name}: DNAT only keeps the client's address"
+            );
+            if round == 0 {
+                peers.push(seen.peer);
+            } else {
+                assert_eq!(seen.peer, peers[usize::from(name == "second")]);
+            }
+        }
+    }
+    assert_eq!(
+        peers[0], local,
+        "the first connection keeps the client's port"
+    );
+    assert_ne!(peers[1], local, "the second connection is remapped");
+    assert!(
+        (SNAT_MIN..=SNAT_MAX).contains(&peers[1].port()),
+        "remapped to {} outside the SNAT range",
+        peers[1]
+    );
+    let rows = nodeport_agent::inspect::conntrack(&lab.nodes[0].tables()).expect("conntrack");
+    assert!(
+        rows.iter()
+            .any(|r| r.port_remap == Some(peers[1].to_string())
+                && r.frontend == format!("{NODE1}:{SECOND_NODE_PORT}")),
+        "list conntrack shows the remap: {rows:?}"
+    );
+}
+
 /// Traffic that is not for a nodePort passes untouched: a node's own service on another port, a
 /// node address that is not a NodePort address, and pod addresses routed through the nodes.
 #[test]

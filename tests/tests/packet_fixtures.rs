@@ -374,3 +374,76 @@ fn etp_local_with_a_local_backend_is_dnat_only() {
     let want = Frame::tcp((CLIENT, 45500), (LOCAL_POD, 8080), SYN).with_macs(CLIENT_MAC, NODE_MAC);
     assert_eq!(out, want.build(), "eTP Local keeps the client's address");
 }
+
+/// A DNAT-only flow whose tuple towards the pod another flow holds (same client and port, another
+/// nodePort served by the same pod port; tests/tests/fuzz_findings.rs has the remap itself):
+/// the tuple of an expired flow is taken over with the client's own port, and when no port of
+/// the SNAT range is free the new flow drops as `drop_snat_exhausted` while the holder's replies
+/// keep their translation.
+#[test]
+fn clashing_dnat_only_flow_takes_over_an_expired_tuple_or_drops_without_a_free_port() {
+    let mut h = harness();
+    const NP_LOCAL_2: u16 = 30095;
+    h.tables
+        .put_service(&svc(NP_LOCAL_2, TCP, 7, 0, vec![2]))
+        .unwrap();
+    let at_pod = |sport: u16, flags: u8| {
+        Frame::tcp((CLIENT, sport), (LOCAL_POD, 8080), flags).with_macs(CLIENT_MAC, NODE_MAC)
+    };
+    let pod_reply = |dport: u16| {
+        Frame::tcp((LOCAL_POD, 8080), (CLIENT, dport), SYN | ACK)
+            .with_macs(NODE_MAC, CLIENT_MAC)
+            .build()
+    };
+    let mut cfg = h.tables.config().unwrap();
+
+    // The holder expires at once (SYN timeout 0); the next flow takes its tuple over unchanged.
+    cfg.tcp_syn_timeout_s = 0;
+    h.tables.set_config(&cfg).unwrap();
+    assert_eq!(h.xdp(&client_to(NP_LOCAL, 45000, SYN).build()).0, XDP_PASS);
+    cfg.tcp_syn_timeout_s = 60;
+    h.tables.set_config(&cfg).unwrap();
+    let (verdict, out) = h.xdp(&client_to(NP_LOCAL_2, 45000, SYN).build());
+    assert_eq!(
+        (verdict, out),
+        (XDP_PASS, at_pod(45000, SYN).build()),
+        "the expired flow's tuple is free: the client's port is kept"
+    );
+    let (verdict, out) = h.tc(
+        program_names::TC_EGRESS,
+        h.net.node_ifindex,
+        &pod_reply(45000),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    let want =
+        Frame::tcp((NODE, NP_LOCAL_2), (CLIENT, 45000), SYN | ACK).with_macs(NODE_MAC, CLIENT_MAC);
+    assert_eq!(out, want.build(), "the reply belongs to the live flow");
+
+    // A SNAT range of one port, which the holder itself uses: no port left for the remap.
+    cfg.snat_port_min = 62000;
+    cfg.snat_port_max = 62000;
+    h.tables.set_config(&cfg).unwrap();
+    assert_eq!(h.xdp(&client_to(NP_LOCAL, 62000, SYN).build()).0, XDP_PASS);
+    let flows = h.tables.conntrack().unwrap().len();
+    let (verdict, _) = h.xdp(&client_to(NP_LOCAL_2, 62000, SYN).build());
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(h.stats().get(Counter::DropSnatExhausted).packets, 1);
+    assert_eq!(
+        h.tables.conntrack().unwrap().len(),
+        flows,
+        "no flow for the dropped packet"
+    );
+    let (verdict, out) = h.tc(
+        program_names::TC_EGRESS,
+        h.net.node_ifindex,
+        &pod_reply(62000),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    let want =
+        Frame::tcp((NODE, NP_LOCAL), (CLIENT, 62000), SYN | ACK).with_macs(NODE_MAC, CLIENT_MAC);
+    assert_eq!(
+        out,
+        want.build(),
+        "the holder's replies keep their translation"
+    );
+}

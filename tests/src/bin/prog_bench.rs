@@ -43,6 +43,7 @@ const MEASURED_PORT: u16 = 65500;
 enum Prog {
     Xdp,
     TcIngress,
+    TcEgress,
 }
 
 /// Mean kernel-measured ns per run over `frames` (each run `runs_each` times). Panics unless
@@ -51,7 +52,11 @@ fn measure(h: &Harness, frames: &[Vec<u8>], runs_each: u32, prog: Prog, want: u3
     let (total, n, bad) = h.net.run(|| {
         let tc: &SchedClassifier =
             h.dp.ebpf()
-                .program(program_names::TC_INGRESS)
+                .program(if prog == Prog::TcEgress {
+                    program_names::TC_EGRESS
+                } else {
+                    program_names::TC_INGRESS
+                })
                 .unwrap()
                 .try_into()
                 .unwrap();
@@ -75,7 +80,7 @@ fn measure(h: &Harness, frames: &[Vec<u8>], runs_each: u32, prog: Prog, want: u3
                 };
                 let r = match prog {
                     Prog::Xdp => xdp.test_run(opts),
-                    Prog::TcIngress => tc.test_run(opts),
+                    Prog::TcIngress | Prog::TcEgress => tc.test_run(opts),
                 }
                 .expect("BPF_PROG_TEST_RUN");
                 if r.return_value != want {
@@ -208,6 +213,39 @@ fn main() {
         push(
             "TC ingress established (SNAT)",
             measure(&h, &[ack], runs, Prog::TcIngress, TC_ACT_REDIRECT),
+        );
+        // DNAT-only flows to the local pod: XDP hands them to the stack (XDP_PASS), the pod's
+        // replies are translated on TC egress.
+        let local_flows: Vec<Vec<u8>> = (0..args.flows)
+            .map(|i| {
+                let client = Ipv4Addr::new(198, 18, 1 + (i / 250) as u8, (i % 250) as u8 + 1);
+                Frame::tcp((client, SNAT_MIN + i as u16), (NODE, NP_LOCAL), SYN)
+                    .with_macs(CLIENT_MAC, NODE_MAC)
+                    .build()
+            })
+            .collect();
+        push(
+            "XDP first packet (new flow, DNAT only)",
+            measure(&h, &local_flows, 1, Prog::Xdp, XDP_PASS),
+        );
+        measure(
+            &h,
+            &[to_node(NP_LOCAL, MEASURED_PORT, SYN).build()],
+            1,
+            Prog::Xdp,
+            XDP_PASS,
+        );
+        let local_ack = to_node(NP_LOCAL, MEASURED_PORT, ACK).build();
+        push(
+            "XDP established (DNAT only, local pod)",
+            measure(&h, &[local_ack], runs, Prog::Xdp, XDP_PASS),
+        );
+        let local_reply = Frame::tcp((LOCAL_POD, 8080), (CLIENT, MEASURED_PORT), ACK)
+            .with_macs(NODE_MAC, CLIENT_MAC)
+            .build();
+        push(
+            "TC egress reply (local pod)",
+            measure(&h, &[local_reply], runs, Prog::TcEgress, TC_ACT_OK),
         );
     }
     for (name, vs) in rows {

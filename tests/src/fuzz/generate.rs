@@ -344,6 +344,7 @@ impl Generator {
             svc_id: SERVICES[0].svc_id,
             backend: SERVICES[0].backends[0],
             snat: Some((NODE_ADDRS[0], 61000)),
+            remap: None,
         };
         let f = flow.unwrap_or_else(synthetic);
         let b = world::backend_by_id(f.backend);

@@ -38,7 +38,8 @@ pub struct Report {
     pub by_kind: BTreeMap<&'static str, u64>,
     pub flows_created: u64,
     pub table_checks: u64,
-    pub local_reply_clashes: u64,
+    /// DNAT-only flows whose client port was remapped (its tuple towards the pod was taken).
+    pub local_port_remaps: u64,
 }
 
 impl Report {
@@ -52,14 +53,14 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "seed {:#018x}: {} packets in {:.1} s ({:.0} packets/s), {} flows created, \
-             {} table comparisons, {} local reply tuples shared by two flows",
+             {} table comparisons, {} DNAT-only flows with a remapped client port",
             self.seed,
             self.packets,
             self.elapsed.as_secs_f64(),
             self.packets_per_second(),
             self.flows_created,
             self.table_checks,
-            self.local_reply_clashes
+            self.local_port_remaps
         )?;
         writeln!(f, "  by hook: {:?}", self.by_hook)?;
         writeln!(f, "  by outcome: {:?}", self.by_outcome)?;
@@ -230,14 +231,16 @@ fn check_and_reset_tables(h: &mut Harness, model: &mut Model) -> Result<(), Stri
         );
         let snat =
             (v.flags & nodeport_common::CT_SNAT != 0).then(|| (be(v.nat_addr), port(v.nat_port)));
-        kernel.insert(key, (v.backend_id, snat));
+        let remap = (v.flags & nodeport_common::CT_LOCAL != 0 && v.nat_port != 0)
+            .then(|| (be(v.nat_addr), port(v.nat_port)));
+        kernel.insert(key, (v.backend_id, snat, remap));
     }
     let mut want: BTreeMap<_, _> = BTreeMap::new();
     for f in model.all_flows() {
         let c = f.client;
         want.insert(
             (c.saddr, c.sport, c.daddr, c.dport, c.proto),
-            (f.backend, f.snat),
+            (f.backend, f.snat, f.remap.map(|p| (c.saddr, p))),
         );
     }
     if kernel != want {
@@ -258,20 +261,22 @@ fn check_and_reset_tables(h: &mut Harness, model: &mut Model) -> Result<(), Stri
             want.len()
         ));
     }
-    // Every reverse entry is the reply tuple of a tracked flow, and every flow has one (a
-    // shared local reply tuple has one entry for its flows).
+    // Every flow has its own reply tuple (a DNAT-only flow whose client tuple towards the pod
+    // was taken has a remapped port), and every reverse entry is exactly one flow's.
     let mut replies: BTreeMap<_, _> = BTreeMap::new();
     for f in model.all_flows() {
         let r = f.reply();
-        replies
-            .entry((r.saddr, r.sport, r.daddr, r.dport, r.proto))
-            .or_insert_with(Vec::new)
-            .push((
-                f.client.saddr,
-                f.client.sport,
-                f.client.daddr,
-                f.client.dport,
+        let client = (
+            f.client.saddr,
+            f.client.sport,
+            f.client.daddr,
+            f.client.dport,
+        );
+        if let Some(other) = replies.insert((r.saddr, r.sport, r.daddr, r.dport, r.proto), client) {
+            return Err(format!(
+                "model: flows {other:?} and {client:?} share the reply tuple {r:?}"
             ));
+        }
     }
     for (k, v) in &rnat {
         let key = (
@@ -287,13 +292,12 @@ fn check_and_reset_tables(h: &mut Harness, model: &mut Model) -> Result<(), Stri
             be(v.flow.daddr),
             port(v.flow.dport),
         );
-        match replies.get(&key) {
-            Some(flows) if flows.contains(&flow) => {}
-            _ => {
-                return Err(format!(
-                    "np_rnat4 entry {key:?} -> {flow:?} is the reply of no tracked flow"
-                ));
-            }
+        if replies.get(&key) != Some(&flow) {
+            return Err(format!(
+                "np_rnat4 entry {key:?} -> {flow:?} is not that flow's reply tuple (the model \
+                 has {:?})",
+                replies.get(&key)
+            ));
         }
     }
     if rnat.len() != replies.len() {
@@ -386,7 +390,7 @@ pub fn run(seed: u64, packets: u64) -> Result<Report, Box<Failure>> {
             Ok(())
         });
         result?;
-        report.local_reply_clashes = model.local_reply_clashes;
+        report.local_port_remaps = model.local_port_remaps;
         if let Err(why) = check_and_reset_tables(&mut h, &mut model) {
             panic!(
                 "packet fuzzing: seed {seed:#018x}, after case {}: {why}\nreplay: \

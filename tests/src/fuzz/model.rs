@@ -4,8 +4,9 @@
 //! created so that later packets of a flow, and replies to it, have exactly one right answer.
 //!
 //! Where the kernel's own random choices enter (the backend of a new flow, a SNAT port when the
-//! client's port is taken), the model allows every choice the design allows and then learns the
-//! one taken from the translated packet.
+//! client's port is taken, the remapped port of a DNAT-only flow whose tuple towards the pod is
+//! taken), the model allows every choice the design allows and then learns the one taken from
+//! the translated packet.
 use std::{
     collections::{HashMap, hash_map::Entry},
     net::Ipv4Addr,
@@ -49,13 +50,18 @@ pub struct Flow {
     pub backend: u32,
     /// Source NAT (node address, port) for remote backends; None for local ones (DNAT only).
     pub snat: Option<(Ipv4Addr, u16)>,
+    /// DNAT-only flows: the source port the pod sees instead of the client's, when another live
+    /// flow already reached the pod with the client's own tuple (implicit source-port remap).
+    pub remap: Option<u16>,
 }
 
 impl Flow {
     /// The tuple the backend's reply carries.
     pub fn reply(&self) -> Tuple {
         let b = world::backend_by_id(self.backend);
-        let (daddr, dport) = self.snat.unwrap_or((self.client.saddr, self.client.sport));
+        let (daddr, dport) = self
+            .snat
+            .unwrap_or((self.client.saddr, self.remap.unwrap_or(self.client.sport)));
         Tuple {
             saddr: b.addr,
             sport: b.port,
@@ -164,6 +170,13 @@ pub enum PortRule {
         backend: u32,
         nat_addr: Ipv4Addr,
     },
+    /// A new DNAT-only flow: the client's port when no live flow reaches the pod (backend)
+    /// from this client address with it, else any port of the SNAT range for which none does.
+    NewLocal {
+        client_port_if_free: Option<u16>,
+        backend: u32,
+        client_addr: Ipv4Addr,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,14 +236,14 @@ pub struct Model {
     order_snat: Vec<Tuple>,
     /// Reply tuple of a source-NATed flow -> the flow's client tuple.
     snat_rev: HashMap<Tuple, Tuple>,
-    /// Reply tuple of a DNAT-only flow -> client tuples. More than one when a client used one
-    /// source port towards two nodePorts (or node addresses) served by the same local pod:
-    /// the pod sees one tuple, so its reply is ambiguous.
-    local_rev: HashMap<Tuple, Vec<Tuple>>,
+    /// Reply tuple of a DNAT-only flow -> the flow's client tuple. One flow per tuple: a client
+    /// using one source port towards two nodePorts (or node addresses) served by the same local
+    /// pod gets its port remapped on the second flow.
+    local_rev: HashMap<Tuple, Tuple>,
     /// ClientIP affinity: (service, client address) -> backend.
     affinity: HashMap<(u32, Ipv4Addr), u32>,
-    /// Local reply tuples that were shared by more than one flow (see `local_rev`).
-    pub local_reply_clashes: u64,
+    /// DNAT-only flows created with a remapped source port (see `local_rev`), over the run.
+    pub local_port_remaps: u64,
 }
 
 fn unchanged(hook: Hook) -> Outcome {
@@ -375,16 +388,11 @@ impl Model {
         self.order.iter().map(|t| &self.flows[t])
     }
 
-    /// The reply tuples of DNAT-only flows and the flows sharing each.
-    pub fn local_replies(&self) -> &HashMap<Tuple, Vec<Tuple>> {
-        &self.local_rev
-    }
-
     /// Forgets every flow and affinity (the runner clears the kernel's tables at the same time).
     pub fn clear(&mut self) {
-        let clashes = self.local_reply_clashes;
+        let remaps = self.local_port_remaps;
         *self = Self::default();
-        self.local_reply_clashes = clashes;
+        self.local_port_remaps = remaps;
     }
 
     pub fn predict(&self, hook: Hook, frame: &[u8]) -> Prediction {
@@ -460,7 +468,10 @@ impl Model {
     fn forward_nat(&self, f: &Flow, effect: Effect, sport: Option<PortRule>) -> Nat {
         let b = world::backend_by_id(f.backend);
         let (saddr, sport) = match (b.local, f.snat) {
-            (true, _) => (f.client.saddr, PortRule::Exactly(f.client.sport)),
+            (true, _) => (
+                f.client.saddr,
+                sport.unwrap_or(PortRule::Exactly(f.remap.unwrap_or(f.client.sport))),
+            ),
             (false, Some((a, p))) => (a, PortRule::Exactly(p)),
             (false, None) => (f.client.daddr, sport.expect("SNAT rule of a new flow")),
         };
@@ -498,24 +509,36 @@ impl Model {
             .into_iter()
             .map(|backend| {
                 let b = world::backend_by_id(backend);
+                // The reply tuple if the client's port is kept: towards the node address with
+                // SNAT, towards the client itself for a local pod (DNAT only).
                 let reply_base = Tuple {
                     saddr: b.addr,
                     sport: b.port,
-                    daddr: t.daddr,
+                    daddr: if b.local { t.saddr } else { t.daddr },
                     dport: t.sport,
                     proto: t.proto,
                 };
-                let free = in_snat_range(t.sport) && !self.snat_rev.contains_key(&reply_base);
                 let flow = Flow {
                     client: t,
                     svc_id: svc.svc_id,
                     backend,
                     snat: None,
+                    remap: None,
                 };
-                let rule = PortRule::NewSnat {
-                    client_port_if_free: free.then_some(t.sport),
-                    backend,
-                    nat_addr: t.daddr,
+                let rule = if b.local {
+                    PortRule::NewLocal {
+                        client_port_if_free: (!self.local_rev.contains_key(&reply_base))
+                            .then_some(t.sport),
+                        backend,
+                        client_addr: t.saddr,
+                    }
+                } else {
+                    let free = in_snat_range(t.sport) && !self.snat_rev.contains_key(&reply_base);
+                    PortRule::NewSnat {
+                        client_port_if_free: free.then_some(t.sport),
+                        backend,
+                        nat_addr: t.daddr,
+                    }
                 };
                 let effect = Effect::NewFlow {
                     client: t,
@@ -538,66 +561,76 @@ impl Model {
     fn egress(&self, v: &View) -> (&'static str, Vec<Outcome>) {
         let hook = Hook::TcEgress;
         match self.local_rev.get(&v.tuple) {
-            Some(clients) => (
-                if clients.len() > 1 {
-                    "reply of a local pod, tuple shared by several flows"
-                } else {
-                    "reply of a local pod to a tracked flow"
-                },
-                clients
-                    .iter()
-                    .map(|c| {
-                        let f = self.flows[c];
-                        let nat = Nat {
-                            saddr: f.client.daddr,
-                            sport: PortRule::Exactly(f.client.dport),
-                            daddr: f.client.saddr,
-                            dport: f.client.sport,
-                            snat: false,
-                            effect: Effect::None,
-                        };
-                        leave(hook, v, nat)
-                    })
-                    .collect(),
-            ),
+            Some(client) => {
+                let f = self.flows[client];
+                let nat = Nat {
+                    saddr: f.client.daddr,
+                    sport: PortRule::Exactly(f.client.dport),
+                    daddr: f.client.saddr,
+                    dport: f.client.sport,
+                    snat: false,
+                    effect: Effect::None,
+                };
+                (
+                    if f.remap.is_some() {
+                        "reply of a local pod to a tracked flow with a remapped port"
+                    } else {
+                        "reply of a local pod to a tracked flow"
+                    },
+                    vec![leave(hook, v, nat)],
+                )
+            }
             None => ("egress, no tracked local flow", vec![unchanged(hook)]),
         }
     }
 
-    /// Whether `port` may be the SNAT port of a new flow under `rule`.
+    /// Whether `port` may be the (SNAT or remapped) source port of a new flow under `rule`.
     pub fn snat_port_ok(&self, rule: &PortRule, proto: u8, port: u16) -> Result<(), String> {
-        match *rule {
-            PortRule::Exactly(p) if p == port => Ok(()),
-            PortRule::Exactly(p) => Err(format!("source port {port}, expected {p}")),
+        let (client_port_if_free, backend, to, held_by) = match *rule {
+            PortRule::Exactly(p) if p == port => return Ok(()),
+            PortRule::Exactly(p) => return Err(format!("source port {port}, expected {p}")),
             PortRule::NewSnat {
-                client_port_if_free: Some(p),
-                ..
-            } if p != port => Err(format!(
-                "SNAT port {port}: the client's port {p} is in the SNAT range and free, so it \
-                 must be kept"
-            )),
-            PortRule::NewSnat {
-                backend, nat_addr, ..
-            } => {
-                let b = world::backend_by_id(backend);
-                let reply = Tuple {
-                    saddr: b.addr,
-                    sport: b.port,
-                    daddr: nat_addr,
-                    dport: port,
-                    proto,
-                };
-                if !in_snat_range(port) {
-                    Err(format!("SNAT port {port} outside {SNAT_MIN}-{SNAT_MAX}"))
-                } else if let Some(holder) = self.snat_rev.get(&reply) {
-                    Err(format!(
-                        "SNAT port {port} towards {}:{} is held by the live flow {holder:?}",
-                        b.addr, b.port
-                    ))
-                } else {
-                    Ok(())
-                }
-            }
+                client_port_if_free,
+                backend,
+                nat_addr,
+            } => (client_port_if_free, backend, nat_addr, &self.snat_rev),
+            PortRule::NewLocal {
+                client_port_if_free,
+                backend,
+                client_addr,
+            } => (client_port_if_free, backend, client_addr, &self.local_rev),
+        };
+        let what = match rule {
+            PortRule::NewLocal { .. } => "remapped port",
+            _ => "SNAT port",
+        };
+        if let Some(p) = client_port_if_free {
+            return if p == port {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what} {port}: the client's port {p} is free (and in the SNAT range for \
+                     SNAT), so it must be kept"
+                ))
+            };
+        }
+        let b = world::backend_by_id(backend);
+        let reply = Tuple {
+            saddr: b.addr,
+            sport: b.port,
+            daddr: to,
+            dport: port,
+            proto,
+        };
+        if !in_snat_range(port) {
+            Err(format!("{what} {port} outside {SNAT_MIN}-{SNAT_MAX}"))
+        } else if let Some(holder) = held_by.get(&reply) {
+            Err(format!(
+                "{what} {port} from {to} towards {}:{} is held by the live flow {holder:?}",
+                b.addr, b.port
+            ))
+        } else {
+            Ok(())
         }
     }
 
@@ -617,22 +650,24 @@ impl Model {
             return;
         };
         let b = world::backend_by_id(backend);
+        let sport = out_sport.expect("translated source port");
         let flow = Flow {
             client,
             svc_id,
             backend,
-            snat: (!b.local).then(|| (saddr, out_sport.expect("translated source port"))),
+            snat: (!b.local).then_some((saddr, sport)),
+            remap: (b.local && sport != client.sport).then_some(sport),
         };
         let reply = flow.reply();
         if flow.snat.is_some() {
             let prev = self.snat_rev.insert(reply, client);
             assert!(prev.is_none(), "model: SNAT reply tuple reused");
         } else {
-            let sharing = self.local_rev.entry(reply).or_default();
-            if !sharing.is_empty() {
-                self.local_reply_clashes += 1;
+            let prev = self.local_rev.insert(reply, client);
+            assert!(prev.is_none(), "model: local reply tuple reused");
+            if flow.remap.is_some() {
+                self.local_port_remaps += 1;
             }
-            sharing.push(client);
         }
         let svc = world::SERVICES
             .iter()
