@@ -293,9 +293,10 @@ pub fn enter(lab: &Lab, to: Dataplane, scenario: &Scenario) -> anyhow::Result<()
                             let rules = kubeproxy::render(mode, &input).with_context(|| {
                                 format!("rendering {} rules for {}", to.label(), n.name)
                             })?;
-                            kubeproxy::install(mode, &n.name, &rules).with_context(|| {
-                                format!("installing {} rules on {}", to.label(), n.name)
-                            })
+                            kubeproxy::install_with(mode, &n.name, &rules, iptables_backend()?)
+                                .with_context(|| {
+                                    format!("installing {} rules on {}", to.label(), n.name)
+                                })
                         })
                     })
                     .collect();
@@ -303,6 +304,23 @@ pub fn enter(lab: &Lab, to: Dataplane, scenario: &Scenario) -> anyhow::Result<()
                     .into_iter()
                     .try_for_each(|h| h.join().expect("install thread panicked"))
             })
+        }
+    }
+}
+
+/// Which `iptables-restore` loads kube-proxy's iptables rules: `NODEPORT_BENCH_IPTABLES` =
+/// `system` (default: `iptables-restore`, the nf_tables backend on this machine), `nft` or
+/// `legacy`. The nf_tables backend needs more than 10 minutes per node to load the rules of
+/// 10,000 services here (iptables 1.8.9); the legacy x_tables backend loads them in seconds, and
+/// its per-packet rule walk is what kube-proxy's iptables mode costs on nodes that use it.
+fn iptables_backend() -> anyhow::Result<kubeproxy::IptablesBackend> {
+    use kubeproxy::IptablesBackend;
+    match std::env::var("NODEPORT_BENCH_IPTABLES").as_deref() {
+        Err(_) | Ok("system") => Ok(IptablesBackend::System),
+        Ok("nft") => Ok(IptablesBackend::Nft),
+        Ok("legacy") => Ok(IptablesBackend::Legacy),
+        Ok(other) => {
+            anyhow::bail!("NODEPORT_BENCH_IPTABLES={other:?}: expected system, nft or legacy")
         }
     }
 }
