@@ -1,15 +1,22 @@
-//! `cargo xtask reliability`: the long forms of the restart and churn scenarios
-//! (docs/RELIABILITY.md). Builds the agent, the echo server and `nodeport-reliability`, and runs
-//! the latter on labs of its own (prefix `np-rel-…`), which it removes afterwards.
+//! `cargo xtask reliability`: the long forms of docs/RELIABILITY.md's fault tests. `restarts` and
+//! `churn` build the agent, the echo server and `nodeport-reliability`, and run the latter on labs
+//! of its own (prefix `np-rel-…`), which it removes afterwards; `api-faults` and `full-tables` run
+//! those test binaries in their long form (the test command runs their short form).
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Which scenario: all, restarts or churn.
-    #[arg(long, default_value = "all")]
+    /// Which scenario: all, restarts, churn, api-faults or full-tables.
+    #[arg(long, default_value = "all", value_parser = ["all", "restarts", "churn", "api-faults", "full-tables"])]
     scenario: String,
+    /// api-faults: rounds of every API fault.
+    #[arg(long, default_value_t = 3)]
+    fault_rounds: u32,
+    /// api-faults: how long each fault lasts, seconds.
+    #[arg(long, default_value_t = 10)]
+    fault_seconds: u32,
     /// SIGKILL-and-restart cycles of the agents.
     #[arg(long, default_value_t = 20)]
     restarts: usize,
@@ -50,6 +57,55 @@ pub struct Args {
 }
 
 pub fn run(root: &Path, a: Args) -> anyhow::Result<()> {
+    let all = a.scenario == "all";
+    if all || a.scenario == "restarts" || a.scenario == "churn" {
+        lab_scenarios(root, &a)?;
+    }
+    if all || a.scenario == "api-faults" {
+        eprintln!(
+            "[reliability] API faults, {} rounds of {} s each",
+            a.fault_rounds, a.fault_seconds
+        );
+        cargo_test(
+            root,
+            &["-p", "nodeport-agent", "--test", "api_faults"],
+            &[
+                ("NODEPORT_FAULT_ROUNDS", a.fault_rounds.to_string()),
+                ("NODEPORT_FAULT_SECONDS", a.fault_seconds.to_string()),
+            ],
+        )?;
+    }
+    if all || a.scenario == "full-tables" {
+        eprintln!("[reliability] full tables at the default capacities");
+        let (_agent, _echo) = crate::ebpf::build_lab(root)?;
+        cargo_test(
+            root,
+            &["-p", "nodeport-lab", "--test", "full_tables"],
+            &[("NODEPORT_FULL_TABLES", "long".to_owned())],
+        )?;
+    }
+    Ok(())
+}
+
+/// `cargo test ARGS -- --nocapture --test-threads 1` with `env`, as the long form of a test file.
+fn cargo_test(root: &Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("test")
+        .args(args)
+        .args(["--", "--nocapture", "--test-threads", "1"])
+        .current_dir(root);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let status = cmd.status().context("running cargo test")?;
+    if !status.success() {
+        bail!("{args:?} (long form) failed: {status}");
+    }
+    Ok(())
+}
+
+fn lab_scenarios(root: &Path, a: &Args) -> anyhow::Result<()> {
     eprintln!("[reliability] building nodeport-agent, nodeport-echo and nodeport-reliability");
     let (agent, echo) = crate::ebpf::build_lab(root)?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
