@@ -15,15 +15,16 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
-use nodeport_lab::{CLIENT_ADDR, Config, Lab, down, lab::http_get, sys};
+use nodeport_lab::{CLIENT_ADDR, Config, lab::http_get, sys};
 
-const ECHO: &str = env!("CARGO_BIN_EXE_nodeport-echo");
+mod support;
+use support::{ECHO, TestLab, agent_binary, require_root, sweep_stale};
+
 const PREFIX: &str = "npft";
 const T: Duration = Duration::from_secs(2);
 const WEB_TCP: u16 = 30210;
@@ -67,35 +68,6 @@ fn form() -> Form {
     }
 }
 
-/// The agent binary cargo built beside this test (target/<profile>/nodeport-agent).
-fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("NODEPORT_AGENT_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("nodeport-agent");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (`cargo build -p nodeport-agent`, with --release for \
-         the long form) or run `cargo test --workspace`",
-        bin.display()
-    );
-    bin
-}
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the full-tables tests need root (network namespaces, BPF)"
-    );
-}
-
 /// Many concurrent connections and datagram sockets: raised before the lab starts, so the pods'
 /// echo servers (our children) inherit it too.
 fn raise_nofile() {
@@ -116,64 +88,11 @@ fn raise_nofile() {
     );
 }
 
-/// Removes labs of earlier runs of this binary that died before their guards ran.
-fn sweep_stale() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let mut prefixes = BTreeSet::new();
-        let names = sys::netns_list().into_iter().chain(
-            std::fs::read_dir(nodeport_lab::STATE_ROOT)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned()),
-        );
-        for name in names {
-            let Some(rest) = name.strip_prefix(PREFIX) else {
-                continue;
-            };
-            let mut parts = rest.splitn(3, '-');
-            let (Some(pid), Some(n)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            if pid.parse::<u32>().is_ok_and(|p| p != std::process::id())
-                && !Path::new(&format!("/proc/{pid}")).exists()
-            {
-                prefixes.insert(format!("{PREFIX}{pid}-{n}"));
-            }
-        }
-        for prefix in prefixes {
-            let _ = down(&Config::new(
-                &prefix,
-                PathBuf::new(),
-                agent_binary(),
-                ECHO.into(),
-            ));
-        }
-    });
-}
-
-/// A lab for one test, torn down on drop (also when the test fails).
-struct TestLab {
-    lab: Lab,
-    cfg: Config,
-    work: PathBuf,
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        if let Err(e) = down(&self.cfg) {
-            eprintln!("cleanup: {e:#}");
-        }
-        let _ = std::fs::remove_dir_all(&self.work);
-    }
-}
-
 fn lab_up(agent_args: &[String]) -> TestLab {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     require_root();
     raise_nofile();
-    sweep_stale();
+    sweep_stale(PREFIX);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let prefix = format!("{PREFIX}{}-{n}", std::process::id());
     let work = std::env::temp_dir().join(format!("nodeport-full-tables-{prefix}"));

@@ -16,94 +16,16 @@ use std::{
 };
 
 use nodeport_lab::{
-    CLIENT_ADDR, Config, Lab, down, lab::http_get, lab::is_connect_failure, leftovers, report,
-    workload,
+    CLIENT_ADDR, Config, down, lab::http_get, lab::is_connect_failure, leftovers, report, workload,
 };
 
-const ECHO: &str = env!("CARGO_BIN_EXE_nodeport-echo");
-const PREFIX: &str = "nplt";
+mod support;
+use support::{ECHO, TestLab, agent_binary, require_root, sweep_stale};
 
-/// The agent binary cargo built beside this test (`cargo test --workspace` builds it).
-fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("NODEPORT_AGENT_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/lab-<hash> -> target/<profile>/nodeport-agent
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("nodeport-agent");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run the tests with `cargo test --workspace` (bash scripts/test.sh), which builds it",
-        bin.display()
-    );
-    bin
-}
+const PREFIX: &str = "nplt";
 
 fn shipped_workloads() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../lab/workloads")
-}
-
-/// A lab for one test, torn down on drop.
-struct TestLab {
-    lab: Lab,
-    cfg: Config,
-    work: PathBuf,
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        if let Err(e) = down(&self.cfg) {
-            eprintln!("cleanup: {e:#}");
-        }
-        let _ = std::fs::remove_dir_all(&self.work);
-    }
-}
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the lab tests need root (network namespaces, BPF): run bash scripts/test.sh as root"
-    );
-}
-
-/// Removes labs of earlier test processes that died before their guards ran.
-fn sweep_stale() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let mut prefixes = BTreeSet::new();
-        let names = nodeport_lab::sys::netns_list().into_iter().chain(
-            std::fs::read_dir(nodeport_lab::STATE_ROOT)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned()),
-        );
-        for name in names {
-            let Some(rest) = name.strip_prefix(PREFIX) else {
-                continue;
-            };
-            let mut parts = rest.splitn(3, '-');
-            let (Some(pid), Some(n)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let Ok(pid_num) = pid.parse::<u32>() else {
-                continue;
-            };
-            if pid_num != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-                prefixes.insert(format!("{PREFIX}{pid}-{n}"));
-            }
-        }
-        for prefix in prefixes {
-            let cfg = Config::new(&prefix, PathBuf::new(), agent_binary(), ECHO.into());
-            let _ = down(&cfg);
-        }
-    });
 }
 
 fn config(workloads: PathBuf) -> Config {
@@ -119,7 +41,7 @@ fn config(workloads: PathBuf) -> Config {
 /// Brings up a lab on `workloads` (a directory) with its own prefix.
 fn lab_on(workloads: PathBuf, work: PathBuf) -> TestLab {
     require_root();
-    sweep_stale();
+    sweep_stale(PREFIX);
     let cfg = config(workloads);
     let started = Instant::now();
     let lab = match nodeport_lab::up(cfg.clone()) {

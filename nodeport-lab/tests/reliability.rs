@@ -6,104 +6,23 @@
 //! Drop guard, also when it fails; labs of killed earlier runs are removed first. They need root
 //! and fail (never skip) without it.
 use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
 use nodeport_lab::{
-    Config, Lab, down, leftovers,
+    Config,
     load::scenarios::{self, ChurnOptions, RestartOptions},
 };
 
-const ECHO: &str = env!("CARGO_BIN_EXE_nodeport-echo");
+mod support;
+use support::{ECHO, TestLab, agent_binary, require_root, sweep_stale};
+
 const PREFIX: &str = "nprt";
 
-/// The agent binary cargo built beside this test (`cargo test --workspace` builds it).
-fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("NODEPORT_AGENT_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/reliability-<hash> -> target/<profile>/nodeport-agent
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("nodeport-agent");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run the tests with `cargo test --workspace` (bash scripts/test.sh), which builds it",
-        bin.display()
-    );
-    bin
-}
-
-struct TestLab {
-    lab: Lab,
-    cfg: Config,
-    work: PathBuf,
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        if let Err(e) = down(&self.cfg) {
-            eprintln!("cleanup: {e:#}");
-        }
-        let _ = std::fs::remove_dir_all(&self.work);
-        let left = leftovers(&self.cfg);
-        // A second panic while unwinding would abort the whole test binary.
-        if !std::thread::panicking() {
-            assert_eq!(left, Vec::<String>::new());
-        } else if !left.is_empty() {
-            eprintln!("cleanup left {left:?}");
-        }
-    }
-}
-
-/// Removes labs of earlier test processes of this file that died before their guards ran.
-fn sweep_stale() {
-    let names = nodeport_lab::sys::netns_list().into_iter().chain(
-        std::fs::read_dir(nodeport_lab::STATE_ROOT)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned()),
-    );
-    let mut prefixes = BTreeSet::new();
-    for name in names {
-        let Some((pid, rest)) = name.strip_prefix(PREFIX).and_then(|r| r.split_once('-')) else {
-            continue;
-        };
-        let Some(n) = rest.split('-').next() else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok_and(|p| p != std::process::id())
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
-            prefixes.insert(format!("{PREFIX}{pid}-{n}"));
-        }
-    }
-    for prefix in prefixes {
-        let _ = down(&Config::new(
-            &prefix,
-            PathBuf::new(),
-            agent_binary(),
-            ECHO.into(),
-        ));
-    }
-}
-
 fn lab_with(replicas: usize) -> TestLab {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the reliability tests need root (network namespaces, BPF): run bash scripts/test.sh as root"
-    );
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(sweep_stale);
+    require_root();
+    sweep_stale(PREFIX);
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let prefix = format!("{PREFIX}{}-{n}", std::process::id());

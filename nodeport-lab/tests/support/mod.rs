@@ -1,0 +1,104 @@
+//! What every lab test binary needs: the binaries, root, a lab torn down on drop, and the sweep of
+//! labs left by test processes that were killed. Each test file uses its own name prefix.
+#![allow(dead_code)] // each test binary uses its own part of it
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+use nodeport_lab::{Config, Lab, down, leftovers};
+
+pub const ECHO: &str = env!("CARGO_BIN_EXE_nodeport-echo");
+
+/// The agent binary cargo built beside this test (`cargo test --workspace` builds it), or
+/// `NODEPORT_AGENT_BIN`.
+pub fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("NODEPORT_AGENT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/nodeport-agent
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("nodeport-agent");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (`cargo build -p nodeport-agent`, with --release for a \
+         release test) or run `cargo test --workspace` (bash scripts/test.sh), which builds it",
+        bin.display()
+    );
+    bin
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the lab tests need root (network namespaces, BPF): run bash scripts/test.sh as root"
+    );
+}
+
+/// A lab for one test, torn down on drop; what the teardown left behind fails the test.
+pub struct TestLab {
+    pub lab: Lab,
+    pub cfg: Config,
+    pub work: PathBuf,
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        if let Err(e) = down(&self.cfg) {
+            eprintln!("cleanup: {e:#}");
+        }
+        let _ = std::fs::remove_dir_all(&self.work);
+        let left = leftovers(&self.cfg);
+        // A second panic while unwinding would abort the whole test binary.
+        if !std::thread::panicking() {
+            assert_eq!(left, Vec::<String>::new(), "the lab's teardown left these");
+        } else if !left.is_empty() {
+            eprintln!("cleanup left {left:?}");
+        }
+    }
+}
+
+/// Removes labs (`<prefix><pid>-<n>…`) of earlier test processes that died before their guards
+/// ran. Once per test binary.
+pub fn sweep_stale(prefix: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let names = nodeport_lab::sys::netns_list().into_iter().chain(
+            std::fs::read_dir(nodeport_lab::STATE_ROOT)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned()),
+        );
+        let mut stale = BTreeSet::new();
+        for name in names {
+            let Some((pid, rest)) = name.strip_prefix(prefix).and_then(|r| r.split_once('-'))
+            else {
+                continue;
+            };
+            let Some(n) = rest.split('-').next() else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok_and(|p| p != std::process::id())
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                stale.insert(format!("{prefix}{pid}-{n}"));
+            }
+        }
+        for lab in stale {
+            let _ = down(&Config::new(
+                &lab,
+                PathBuf::new(),
+                agent_binary(),
+                ECHO.into(),
+            ));
+        }
+    });
+}
