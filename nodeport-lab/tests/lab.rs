@@ -193,28 +193,35 @@ fn requests_spread_plausibly_uniformly_over_the_backends() {
     let nodes = t.node_addrs();
     let pods: BTreeSet<String> = t.lab.pods().iter().map(|p| p.name.clone()).collect();
     assert_eq!(pods.len(), 6);
-    let n = 600;
-    let counts: BTreeMap<String, usize> = t
-        .lab
-        .in_client(|| {
-            let mut counts = BTreeMap::new();
-            for i in 0..n {
-                let a = http_get(nodes[i % nodes.len()].1, 30100, T).unwrap();
-                *counts.entry(a.pod).or_insert(0usize) += 1;
-            }
-            counts
-        })
-        .unwrap();
-    assert_eq!(counts.keys().cloned().collect::<BTreeSet<_>>(), pods);
-    let v: Vec<usize> = counts.values().copied().collect();
-    let chi = report::chi_squared(&v);
-    let bound = report::chi_squared_bound(v.len() - 1);
-    eprintln!("{counts:?}: chi-squared {chi:.1}, bound {bound:.1}");
-    // A uniform spread exceeds the bound with probability 0.001.
-    assert!(
-        chi <= bound,
-        "not plausibly uniform: {counts:?}, chi-squared {chi:.1} > {bound:.1}"
-    );
+    let sample = || -> BTreeMap<String, usize> {
+        t.lab
+            .in_client(|| {
+                let mut counts = BTreeMap::new();
+                for i in 0..600 {
+                    let a = http_get(nodes[i % nodes.len()].1, 30100, T).unwrap();
+                    *counts.entry(a.pod).or_insert(0usize) += 1;
+                }
+                counts
+            })
+            .unwrap()
+    };
+    // A uniform spread exceeds the bound with probability 0.001 (CI saw it happen once), so a
+    // spread over the bound is sampled again: twice in a row is a one-in-a-million chance for a
+    // uniform selection, while a biased one (a slot never used, a modulo bias) fails both.
+    let mut verdicts = Vec::new();
+    for _ in 0..2 {
+        let counts = sample();
+        assert_eq!(counts.keys().cloned().collect::<BTreeSet<_>>(), pods);
+        let v: Vec<usize> = counts.values().copied().collect();
+        let chi = report::chi_squared(&v);
+        let bound = report::chi_squared_bound(v.len() - 1);
+        eprintln!("{counts:?}: chi-squared {chi:.1}, bound {bound:.1}");
+        if chi <= bound {
+            return;
+        }
+        verdicts.push(format!("{counts:?}, chi-squared {chi:.1} > {bound:.1}"));
+    }
+    panic!("not plausibly uniform, twice: {verdicts:#?}");
 }
 
 #[test]
