@@ -450,6 +450,7 @@ pub fn unload(layout: &PinLayout, all_versions: bool) -> Result<Unloaded, Error>
             continue;
         }
         done.filters.extend(detach_all(&dir.join("links"))?);
+        crate::cgroup::detach_cgroups_except(&dir.join("cgroup-links"), None)?;
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         done.dirs.push(dir);
     }

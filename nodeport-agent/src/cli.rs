@@ -55,6 +55,10 @@ pub enum Command {
         /// How TC programs attach: tcx (Linux 6.6+), netlink clsact, or auto (tcx, else netlink).
         #[arg(long, value_enum, default_value_t = TcBackend::Auto)]
         tc_backend: TcBackend,
+        /// cgroup v2 directory whose processes reach nodePorts on this node's own addresses
+        /// (socket load balancing; see `run --cgroup`).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
         #[command(flatten)]
         pin: PinArgs,
     },
@@ -136,6 +140,13 @@ pub struct RunArgs {
     pub xdp_mode: XdpAttachMode,
     #[arg(long, env = "NODEPORT_TC_BACKEND", value_enum, default_value_t = TcBackend::Auto)]
     pub tc_backend: TcBackend,
+    /// cgroup v2 directory (the node's root cgroup, e.g. /sys/fs/cgroup) whose processes, the
+    /// node's own and its pods', reach nodePorts on this node's own addresses: their connect()
+    /// and sendmsg() go to a backend at the syscall (socket load balancing), since packets a node
+    /// sends itself never cross an interface's ingress. Without it, only traffic arriving on
+    /// --interfaces is served.
+    #[arg(long, env = "NODEPORT_CGROUP")]
+    pub cgroup: Option<PathBuf>,
     /// /healthz, /livez and /metrics (kube-proxy's healthz port).
     #[arg(
         long,
@@ -208,12 +219,14 @@ mod tests {
             ingress,
             no_egress,
             tc_backend,
+            cgroup,
             pin,
         } = cli.command
         else {
             panic!("not load");
         };
         assert_eq!(iface, ["eth0"]);
+        assert_eq!(cgroup, None, "socket load balancing only where asked");
         assert_eq!(xdp_mode, XdpAttachMode::Native);
         assert_eq!(ingress, IngressHook::Auto);
         assert!(!no_egress);

@@ -28,6 +28,12 @@ pub enum Error {
         ours: String,
     },
 
+    #[error(
+        "{0} is not a cgroup v2 directory (--cgroup wants one, e.g. /sys/fs/cgroup on a unified \
+         hierarchy; `grep cgroup2 /proc/mounts` shows where cgroup2 is mounted)"
+    )]
+    NotCgroup2(PathBuf),
+
     #[error("invalid interface name {0:?}")]
     BadInterfaceName(String),
 

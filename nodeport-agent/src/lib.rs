@@ -5,6 +5,7 @@
 
 pub mod attach;
 pub mod caps;
+pub mod cgroup;
 pub mod cli;
 pub mod error;
 pub mod http;

@@ -15,10 +15,14 @@ use crate::{
 };
 
 /// Every program in the object, in load order.
-pub const PROGRAMS: [&str; 3] = [
+pub const PROGRAMS: [&str; 7] = [
     program_names::XDP_INGRESS,
     program_names::TC_INGRESS,
     program_names::TC_EGRESS,
+    program_names::SOCK_CONNECT,
+    program_names::SOCK_SENDMSG,
+    program_names::SOCK_RECVMSG,
+    program_names::SOCK_GETPEERNAME,
 ];
 
 /// The eBPF object built by build.rs (aya-build) from `nodeport-ebpf`, embedded so the agent is a
@@ -148,6 +152,7 @@ impl Dataplane {
             match program {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SchedClassifier(p) => p.load(),
+                aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
             }
             .map_err(Error::program(name))?;

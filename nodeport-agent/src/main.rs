@@ -38,6 +38,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             IngressHook::Tc => Ingress::Tc,
         },
         tc_backend: args.tc_backend,
+        cgroup: args.cgroup,
         source: match args.manifests {
             Some(dir) => Source::Manifests(dir),
             None => Source::Kube(args.kubeconfig),
@@ -102,6 +103,7 @@ fn main() -> anyhow::Result<()> {
             ingress,
             no_egress,
             tc_backend,
+            cgroup,
             pin,
         } => {
             nodeport_agent::caps::check()?;
@@ -121,6 +123,14 @@ fn main() -> anyhow::Result<()> {
                 for done in dataplane
                     .attach_interface(name, &plan)
                     .with_context(|| format!("attaching to {name}"))?
+                {
+                    println!("{done}");
+                }
+            }
+            if let Some(cgroup) = &cgroup {
+                for done in dataplane
+                    .attach_cgroup(cgroup)
+                    .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?
                 {
                     println!("{done}");
                 }

@@ -53,6 +53,8 @@ pub struct DataplaneSnapshot {
     /// `(nodeport_common::Counter::name(), packets, bytes)` for every counter.
     pub counters: Vec<(&'static str, u64, u64)>,
     pub services: Vec<ServiceTraffic>,
+    /// `(nodeport_common::SockCounter::name(), calls)` for every socket counter.
+    pub sockets: Vec<(&'static str, u64)>,
 }
 
 /// Traffic to one NodePort.
@@ -501,6 +503,19 @@ impl Collector for DataplaneCollector {
             }
         }
 
+        if !snapshot.sockets.is_empty() {
+            let mut metric = encoder.encode_descriptor(
+                "socket_lb_calls",
+                "Socket calls (connect, sendmsg, recvmsg, getpeername) of the node's own processes \
+                 and pods the socket programs handled, by outcome",
+                None,
+                counter_type,
+            )?;
+            for &(result, calls) in &snapshot.sockets {
+                ConstCounter::new(calls).encode(metric.encode_family(&[("result", result)])?)?;
+            }
+        }
+
         if !snapshot.services.is_empty() {
             for (name, help, pick) in [
                 (
@@ -574,6 +589,7 @@ mod tests {
                 packets: 7,
                 bytes: 700,
             }],
+            sockets: vec![("sock_translated", 5)],
         }));
         let text = m.encode();
         for line in [
@@ -596,6 +612,7 @@ mod tests {
             "nodeport_packets_total{reason=\"new_flow\"} 10",
             "nodeport_packets_total{reason=\"drop_no_backend\"} 3",
             "nodeport_bytes_total{reason=\"drop_no_backend\"} 180",
+            "nodeport_socket_lb_calls_total{result=\"sock_translated\"} 5",
             "nodeport_service_packets_total{node_port=\"30080\",protocol=\"TCP\",service=\"default/web\"} 7",
             "nodeport_service_bytes_total{node_port=\"30080\",protocol=\"TCP\",service=\"default/web\"} 700",
             "# EOF",

@@ -55,6 +55,8 @@ pub struct RunConfig {
     pub interfaces: Vec<String>,
     pub ingress: Ingress,
     pub tc_backend: TcBackend,
+    /// cgroup v2 directory for socket load balancing (`--cgroup`); `None` detaches it.
+    pub cgroup: Option<PathBuf>,
     pub source: Source,
     pub nodeport_cidrs: Vec<Ipv4Net>,
     pub nodeport_range: RangeInclusive<u16>,
@@ -101,6 +103,21 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             .with_context(|| format!("attaching to {iface}"))?
         {
             info!(%done, "attached");
+        }
+    }
+    match &cfg.cgroup {
+        Some(cgroup) => {
+            for done in dataplane
+                .attach_cgroup(cgroup)
+                .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?
+            {
+                info!(%done, "attached");
+            }
+        }
+        None => {
+            for dir in crate::cgroup::detach_all(&layout)? {
+                info!(links = %dir.display(), "socket load balancing detached (no --cgroup)");
+            }
         }
     }
     let mut tables = ServiceTables::open(&layout.dir())?;
@@ -361,13 +378,15 @@ fn dataplane_snapshot(
     names: &ServiceNames,
 ) -> DataplaneSnapshot {
     let names = names.read().map(|n| n.clone()).unwrap_or_default();
-    let counters = Stats::read_pinned(layout)
-        .map(|s| {
-            s.iter()
-                .map(|(c, t)| (c.name(), t.packets, t.bytes))
-                .collect()
-        })
-        .unwrap_or_default();
+    let stats = Stats::read_pinned(layout).ok();
+    let counters = stats
+        .iter()
+        .flat_map(|s| s.iter().map(|(c, t)| (c.name(), t.packets, t.bytes)))
+        .collect();
+    let sockets = stats
+        .iter()
+        .flat_map(|s| s.sock_iter().map(|(c, n)| (c.name(), n)))
+        .collect();
     let services = ServiceTables::open(dir)
         .and_then(|t| inspect::services(&t))
         .map(|rows| {
@@ -385,5 +404,9 @@ fn dataplane_snapshot(
                 .collect()
         })
         .unwrap_or_default();
-    DataplaneSnapshot { counters, services }
+    DataplaneSnapshot {
+        counters,
+        services,
+        sockets,
+    }
 }

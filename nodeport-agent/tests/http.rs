@@ -204,6 +204,10 @@ async fn metrics_exposes_every_family_and_label() {
             packets: 5,
             bytes: 400,
         }],
+        sockets: nodeport_common::SockCounter::ALL
+            .iter()
+            .map(|c| (c.name(), 1))
+            .collect(),
     }));
     let addr = start_proxy_server(health, metrics).await;
     // One probe so the healthz counter has a sample.

@@ -100,3 +100,42 @@ impl Counter {
         (self as u32) >= (Counter::DropNoBackend as u32)
     }
 }
+
+/// What the socket programs did: the index of the per-CPU `np_sk_stats` array (a `u64` count of
+/// calls each). Kept apart from `Counter`, which counts packets (each exactly once).
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SockCounter {
+    /// A connect() or sendmsg() to a node address at a nodePort was sent to a backend instead.
+    Translated = 0,
+    /// A connect() or sendmsg() to a node address at a nodePort whose service has no usable
+    /// backend (none, none on this node under externalTrafficPolicy=Local, mid-update): left
+    /// as it was, so the node's own stack refuses it.
+    NoBackend = 1,
+    /// A getpeername() or recvmsg() showed the node address:nodePort instead of the backend.
+    Restored = 2,
+    /// The translation could not be remembered (np_sk_nat4 insert failed): the socket still
+    /// reaches the backend, but getpeername()/recvmsg() show the backend's address.
+    NatInsertFailed = 3,
+}
+
+impl SockCounter {
+    pub const COUNT: u32 = 4;
+
+    pub const ALL: [SockCounter; Self::COUNT as usize] = [
+        SockCounter::Translated,
+        SockCounter::NoBackend,
+        SockCounter::Restored,
+        SockCounter::NatInsertFailed,
+    ];
+
+    /// Stable snake_case name, used in metrics labels and `nodeport-agent stats`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SockCounter::Translated => "sock_translated",
+            SockCounter::NoBackend => "sock_no_backend",
+            SockCounter::Restored => "sock_restored",
+            SockCounter::NatInsertFailed => "sock_nat_insert_failed",
+        }
+    }
+}

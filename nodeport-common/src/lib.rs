@@ -10,7 +10,7 @@
 #![no_std]
 
 pub mod counters;
-pub use counters::Counter;
+pub use counters::{Counter, SockCounter};
 
 /// Version of the map layout. Pinned maps live under `<pin root>/v<LAYOUT_VERSION>/`, so an agent
 /// with a different layout never adopts maps it cannot read: it detects the other version's
@@ -32,6 +32,8 @@ pub mod map_names {
     pub const AFFINITY: &str = "np_aff4";
     pub const COUNTERS: &str = "np_stats";
     pub const SERVICE_COUNTERS: &str = "np_svc_stats";
+    pub const SOCK_NAT: &str = "np_sk_nat4";
+    pub const SOCK_COUNTERS: &str = "np_sk_stats";
     pub const ALL: &[&str] = &[
         CONFIG,
         NODE_ADDRS,
@@ -43,6 +45,8 @@ pub mod map_names {
         AFFINITY,
         COUNTERS,
         SERVICE_COUNTERS,
+        SOCK_NAT,
+        SOCK_COUNTERS,
     ];
 }
 
@@ -56,6 +60,18 @@ pub mod program_names {
     /// TC egress on a node interface: reverse translation of replies from backends on this node
     /// (their packets are routed by the stack and never cross XDP).
     pub const TC_EGRESS: &str = "np_tc_egress";
+    /// cgroup/connect4: a TCP or UDP socket connecting to a node address at a nodePort is
+    /// connected to a backend instead (socket load balancing, for the node's own processes and
+    /// pods, whose packets never cross a node interface's ingress).
+    pub const SOCK_CONNECT: &str = "np_sk_connect4";
+    /// cgroup/sendmsg4: the same for each datagram of an unconnected UDP socket.
+    pub const SOCK_SENDMSG: &str = "np_sk_sendmsg4";
+    /// cgroup/recvmsg4: a datagram from a backend reads as coming from the node address:nodePort.
+    pub const SOCK_RECVMSG: &str = "np_sk_recvmsg4";
+    /// cgroup/getpeername4: a socket connected to a backend names the node address:nodePort.
+    pub const SOCK_GETPEERNAME: &str = "np_sk_getpeer4";
+    /// The socket programs, in the order the agent attaches them.
+    pub const SOCK: [&str; 4] = [SOCK_GETPEERNAME, SOCK_RECVMSG, SOCK_SENDMSG, SOCK_CONNECT];
 }
 
 /// Capacities. Sized for 10,000 services with a few ports and endpoints each; see
@@ -71,6 +87,8 @@ pub mod capacity {
     /// Service ids run from 1 to SERVICES - 1 (0 is reserved); the per-service counters are an
     /// array indexed by id.
     pub const SERVICES: u32 = 65_536;
+    /// `np_sk_nat4`: two entries per translated socket (LRU; Cilium's lb4_reverse_sk has 262,144).
+    pub const SOCK_NAT: u32 = 262_144;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -288,6 +306,40 @@ pub struct Affinity {
     pub _pad: u32,
 }
 
+/// `SockNatKey::dir`: the entry maps the node address:nodePort a socket asked for to its backend
+/// (for the next datagram of an unconnected UDP socket, which keeps its backend like a
+/// conntrack'd UDP flow would).
+pub const SOCK_FORWARD: u8 = 0;
+/// `SockNatKey::dir`: the entry maps the backend back to the node address:nodePort (what
+/// getpeername() and recvmsg() must show).
+pub const SOCK_REVERSE: u8 = 1;
+
+/// Key of `np_sk_nat4`: a socket (its cookie) and an address it sent to or hears from.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockNatKey {
+    pub cookie: u64,
+    /// Network byte order: the node address (`SOCK_FORWARD`) or the backend (`SOCK_REVERSE`).
+    pub addr: u32,
+    pub port: u16,
+    /// `SOCK_FORWARD` or `SOCK_REVERSE`.
+    pub dir: u8,
+    pub proto: u8,
+}
+
+/// Value of `np_sk_nat4`: the other side of the translation.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SockNat {
+    /// Network byte order: the backend (`SOCK_FORWARD`) or the node address (`SOCK_REVERSE`).
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+    /// The backend's id when the entry was made: a forward entry whose id now names another
+    /// backend (or none) is stale and the socket is balanced again.
+    pub backend_id: u32,
+}
+
 /// A per-CPU packet and byte counter (values of `np_stats` and `np_svc_stats`).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -314,6 +366,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for Traffic {}
+    unsafe impl aya::Pod for SockNatKey {}
+    unsafe impl aya::Pod for SockNat {}
 }
 
 #[cfg(test)]

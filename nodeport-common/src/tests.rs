@@ -32,6 +32,8 @@ fn map_types_have_fixed_layouts_without_padding() {
     layout!(AffinityKey, size 8, align 4, fields [u32, u32]);
     layout!(Affinity, size 16, align 8, fields [u64, u32, u32]);
     layout!(Traffic, size 16, align 8, fields [u64, u64]);
+    layout!(SockNatKey, size 16, align 8, fields [u64, u32, u16, u8, u8]);
+    layout!(SockNat, size 12, align 4, fields [u32, u16, u16, u32]);
 }
 
 #[test]
@@ -47,7 +49,10 @@ fn map_names_fit_the_kernel_limit_and_are_unique() {
         program_names::XDP_INGRESS,
         program_names::TC_INGRESS,
         program_names::TC_EGRESS,
-    ] {
+    ]
+    .iter()
+    .chain(program_names::SOCK.iter())
+    {
         assert!(name.len() <= 15, "program name {name} longer than 15 bytes");
     }
 }
@@ -66,4 +71,10 @@ fn counters_are_dense_and_named_uniquely() {
             .filter(|c| c.is_drop())
             .all(|c| c.name().starts_with("drop_"))
     );
+    for (i, c) in SockCounter::ALL.iter().enumerate() {
+        assert_eq!(*c as u32, i as u32, "{c:?} out of order");
+        assert!(c.name().starts_with("sock_"));
+        assert!(!SockCounter::ALL[..i].iter().any(|o| o.name() == c.name()));
+        assert!(!Counter::ALL.iter().any(|o| o.name() == c.name()));
+    }
 }

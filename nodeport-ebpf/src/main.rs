@@ -2,8 +2,9 @@
 //!
 //! Modules, one concern each: `parse` (headers), `flow` (the NodePort decision), `lb` (backend
 //! selection), `conntrack` (state and expiry), `nat` (SNAT ports, reverse NAT), `fib` (next hop),
-//! `csum` (incremental checksums for XDP), `stats` (counters), `maps`; and the attach points
-//! `xdp` and `tc`, which rewrite and forward.
+//! `csum` (incremental checksums for XDP), `stats` (counters), `maps`; the attach points `xdp`
+//! and `tc`, which rewrite and forward; and `sock`, the cgroup hooks that serve nodePorts to the
+//! node's own processes and pods at the syscall.
 #![no_std]
 #![no_main]
 // aya-ebpf 0.3's #[classifier] expands to a safe `pub fn` taking the raw `*mut __sk_buff` the
@@ -18,13 +19,14 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod sock;
 mod stats;
 mod tc;
 mod xdp;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 /// NodePort ingress on a node interface, in XDP.
@@ -43,6 +45,31 @@ pub fn np_tc_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn np_tc_egress(ctx: TcContext) -> i32 {
     tc::egress(&ctx)
+}
+
+/// Socket load balancing: connect() to a node address at a nodePort reaches a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn np_sk_connect4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, false)
+}
+
+/// Socket load balancing: each datagram an unconnected UDP socket sends to a node address at a
+/// nodePort goes to the socket's backend for it.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn np_sk_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, true)
+}
+
+/// Socket load balancing: a datagram from the backend reads as from the node address:nodePort.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn np_sk_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// Socket load balancing: the peer of a socket connected through a nodePort is the nodePort.
+#[cgroup_sock_addr(getpeername4)]
+pub fn np_sk_getpeer4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
 }
 
 #[cfg(not(test))]

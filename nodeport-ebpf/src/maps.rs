@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use nodeport_common::{
     Affinity, AffinityKey, Backend, BackendKey, Config, Counter, CtEntry, FlowKey, Frontend,
-    FrontendKey, NodeAddr, NodeAddrKey, RevNat, Slot, SlotKey, Traffic, capacity as cap,
+    FrontendKey, NodeAddr, NodeAddrKey, RevNat, Slot, SlotKey, SockCounter, SockNat, SockNatKey,
+    Traffic, capacity as cap,
 };
 
 #[btf_map(name = "np_config", pin_by_name)]
@@ -41,3 +42,12 @@ pub static COUNTERS: PerCpuArray<Traffic, { Counter::COUNT as usize }> = PerCpuA
 
 #[btf_map(name = "np_svc_stats", pin_by_name)]
 pub static SERVICE_COUNTERS: PerCpuArray<Traffic, { cap::SERVICES as usize }> = PerCpuArray::new();
+
+/// Socket load balancing's translations, per socket cookie (LRU: sockets close without telling
+/// us, and an evicted entry only costs getpeername()/recvmsg() the original address).
+#[btf_map(name = "np_sk_nat4", pin_by_name)]
+pub static SOCK_NAT: LruHashMap<SockNatKey, SockNat, { cap::SOCK_NAT as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "np_sk_stats", pin_by_name)]
+pub static SOCK_COUNTERS: PerCpuArray<u64, { SockCounter::COUNT as usize }> = PerCpuArray::new();

@@ -149,6 +149,17 @@ impl Topology {
             pod.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
             pod.ip(&["link", "set", "eth0", "up"]);
             pod.ip(&["route", "add", "default", "via", "10.244.1.1"]);
+            // Other pods through the node, as the ptp CNI (kindnet) routes them: the /24 on
+            // the veth alone would have the pod ARP for its neighbours, which nobody answers.
+            pod.ip(&[
+                "route",
+                "replace",
+                "10.244.1.0/24",
+                "via",
+                "10.244.1.1",
+                "dev",
+                "eth0",
+            ]);
             serve(&pod, *addr, stop.clone());
             namespaces.push(pod);
         }

@@ -1,0 +1,168 @@
+//! Socket load balancing (Cilium's "socket LB", kube-proxy's OUTPUT-chain NodePort path): the
+//! node's own processes and its pods reach a nodePort on the node's own address. Their packets
+//! never cross a node interface's ingress, so instead of translating packets the cgroup hooks
+//! translate the address at the syscall: connect() and sendmsg() to a node address at a nodePort
+//! go to a backend, and getpeername() and recvmsg() show the node address again. Nothing is
+//! rewritten on the wire, so the backend sees the client's own address (no SNAT is needed: its
+//! replies go straight back), and no conntrack entry is made.
+//!
+//! Every hook returns 1 (carry on): a socket this code does not translate proceeds untouched,
+//! so a nodePort with no backend is refused by the node's own stack, as before.
+use aya_ebpf::{EbpfContext as _, bindings::bpf_sock_addr, programs::SockAddrContext};
+use nodeport_common::{
+    FrontendKey, IPPROTO_TCP, IPPROTO_UDP, NodeAddrKey, SOCK_FORWARD, SOCK_REVERSE, SockCounter,
+    SockNat, SockNatKey,
+};
+
+use crate::{
+    conntrack::now_ns,
+    lb,
+    maps::{CONFIG, FRONTENDS, NODE_ADDRS, SOCK_COUNTERS, SOCK_NAT},
+};
+
+const ALLOW: i32 = 1;
+
+#[inline(always)]
+fn count(counter: SockCounter) {
+    if let Some(n) = SOCK_COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { *n += 1 };
+    }
+}
+
+/// The socket's protocol, if it is one nodePorts serve.
+#[inline(always)]
+fn protocol(sa: *const bpf_sock_addr) -> Option<u8> {
+    let proto = unsafe { (*sa).protocol };
+    if proto == u32::from(IPPROTO_TCP) || proto == u32::from(IPPROTO_UDP) {
+        Some(proto as u8)
+    } else {
+        None
+    }
+}
+
+/// `user_port` holds the big-endian port in its low 16 bits; the verifier wants the whole u32
+/// read (Cilium's ctx_dst_port reads it through a volatile for the same reason).
+#[inline(always)]
+fn user_port(sa: *const bpf_sock_addr) -> u16 {
+    unsafe { core::ptr::read_volatile(&(*sa).user_port) as u16 }
+}
+
+/// connect4 and sendmsg4: the destination, if it is a node address at a nodePort, becomes a
+/// backend. `sticky`: reuse the backend this socket got for this destination before (each
+/// datagram of an unconnected UDP socket comes through here; a conntrack'd UDP flow would keep
+/// its backend too).
+#[inline(always)]
+pub fn forward(ctx: &SockAddrContext, sticky: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    let Some(proto) = protocol(sa) else {
+        return ALLOW;
+    };
+    let daddr = unsafe { (*sa).user_ip4 };
+    if unsafe { NODE_ADDRS.get(&NodeAddrKey { addr: daddr }) }.is_none() {
+        return ALLOW;
+    }
+    if CONFIG.get(0).is_none_or(|c| c.snat_port_min == 0) {
+        return ALLOW;
+    }
+    let dport = user_port(sa);
+    let Some(fe) = (unsafe {
+        FRONTENDS.get(&FrontendKey {
+            port: dport,
+            proto,
+            _pad: 0,
+        })
+    }) else {
+        return ALLOW;
+    };
+    let cookie = unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(ctx.as_ptr()) };
+    let fwd_key = SockNatKey {
+        cookie,
+        addr: daddr,
+        port: dport,
+        dir: SOCK_FORWARD,
+        proto,
+    };
+    let mut chosen = None;
+    if sticky
+        && let Some(prev) = unsafe { SOCK_NAT.get(&fwd_key) }
+        && let Some(b) = lb::backend(prev.backend_id)
+        && b.addr == prev.addr
+        && b.port == prev.port
+    {
+        chosen = Some((prev.backend_id, b));
+    }
+    let (backend_id, b) = match chosen {
+        Some(x) => x,
+        None => {
+            // ClientIP affinity keys on the client's network namespace: a pod has one address,
+            // and an unbound socket has none yet. Cookies are small counters, so the key cannot
+            // meet a real client address (those are never in 0.0.0.0/8).
+            let client = unsafe { aya_ebpf::helpers::bpf_get_netns_cookie(ctx.as_ptr()) } as u32;
+            match lb::select(fe, client, now_ns()) {
+                Ok(x) => x,
+                Err(_) => {
+                    count(SockCounter::NoBackend);
+                    return ALLOW;
+                }
+            }
+        }
+    };
+    unsafe {
+        (*sa).user_ip4 = b.addr;
+        (*sa).user_port = u32::from(b.port);
+    }
+    count(SockCounter::Translated);
+    let rev_key = SockNatKey {
+        cookie,
+        addr: b.addr,
+        port: b.port,
+        dir: SOCK_REVERSE,
+        proto,
+    };
+    let rev = SockNat {
+        addr: daddr,
+        port: dport,
+        _pad: 0,
+        backend_id,
+    };
+    let mut ok = SOCK_NAT.insert(&rev_key, &rev, 0).is_ok();
+    if sticky {
+        let fwd = SockNat {
+            addr: b.addr,
+            port: b.port,
+            _pad: 0,
+            backend_id,
+        };
+        ok &= SOCK_NAT.insert(&fwd_key, &fwd, 0).is_ok();
+    }
+    if !ok {
+        count(SockCounter::NatInsertFailed);
+    }
+    ALLOW
+}
+
+/// recvmsg4 and getpeername4: a backend this socket was sent to reads as the node
+/// address:nodePort the application asked for.
+#[inline(always)]
+pub fn reverse(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let Some(proto) = protocol(sa) else {
+        return ALLOW;
+    };
+    let key = SockNatKey {
+        cookie: unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: unsafe { (*sa).user_ip4 },
+        port: user_port(sa),
+        dir: SOCK_REVERSE,
+        proto,
+    };
+    if let Some(orig) = unsafe { SOCK_NAT.get(&key) } {
+        unsafe {
+            (*sa).user_ip4 = orig.addr;
+            (*sa).user_port = u32::from(orig.port);
+        }
+        count(SockCounter::Restored);
+    }
+    ALLOW
+}
