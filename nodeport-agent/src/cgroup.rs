@@ -27,6 +27,18 @@ pub fn links_root(layout: &PinLayout) -> PathBuf {
     layout.dir().join("cgroup-links")
 }
 
+/// Where cgroup v2 is mounted in this mount namespace (`/sys/fs/cgroup` on a unified hierarchy,
+/// `/sys/fs/cgroup/unified` on a hybrid one), from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|line| {
+        // "<id> <parent> <dev> <root> <mount point> <options> [optional…] - <fstype> …"
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(mount_point))
+    })
+}
+
 /// Opens `path` as a cgroup v2 directory, or says what it is instead.
 pub fn open_cgroup2(path: &Path) -> Result<(File, u64), Error> {
     let dir = File::open(path).map_err(|e| Error::io(path, e))?;
@@ -138,6 +150,13 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("cgroup v2"), "{err}");
+    }
+
+    #[test]
+    fn the_cgroup2_mount_is_a_cgroup2_directory() {
+        // Every kernel this runs on (and CI) has cgroup v2 mounted somewhere.
+        let mount = cgroup2_mount().expect("a cgroup2 mount in /proc/self/mountinfo");
+        open_cgroup2(&mount).unwrap();
     }
 
     #[test]

@@ -50,15 +50,18 @@ fn owner_pid(name: &str) -> Option<u32> {
 /// Removes namespaces and pin directories of earlier runs that were killed before their guards
 /// ran (their pid is gone).
 fn sweep_leftovers() {
-    for dir in ["/run/netns", "/sys/fs/bpf"] {
+    let cgroups = nodeport_agent::cgroup::cgroup2_mount().unwrap_or_default();
+    for dir in [Path::new("/run/netns"), Path::new("/sys/fs/bpf"), &cgroups] {
         let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if owner_pid(&name).is_some_and(|pid| !pid_alive(pid)) {
-                if dir == "/run/netns" {
+                if dir == Path::new("/run/netns") {
                     let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                } else if dir == cgroups {
+                    let _ = std::fs::remove_dir(entry.path());
                 } else {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
@@ -91,13 +94,23 @@ fn sh(program: &str, args: &[&str]) {
 struct Sandbox {
     name: String,
     pin_dir: PathBuf,
+    /// A cgroup v2 directory for the socket programs (`load --cgroup`).
+    cgroup: PathBuf,
 }
 
 impl Sandbox {
     fn new() -> Self {
         let name = unique_name();
         let pin_dir = Path::new("/sys/fs/bpf").join(&name);
-        let sandbox = Self { name, pin_dir };
+        let cgroup = nodeport_agent::cgroup::cgroup2_mount()
+            .expect("a cgroup2 mount")
+            .join(&name);
+        std::fs::create_dir(&cgroup).expect("creating a cgroup");
+        let sandbox = Self {
+            name,
+            pin_dir,
+            cgroup,
+        };
         sh("ip", &["netns", "add", &sandbox.name]);
         sh(
             "ip",
@@ -166,6 +179,8 @@ impl Sandbox {
                 IFACE,
                 "--pin-root",
                 root.to_str().expect("utf-8 path"),
+                "--cgroup",
+                self.cgroup.to_str().expect("utf-8 path"),
             ],
             &[],
         )
@@ -178,6 +193,8 @@ impl Drop for Sandbox {
             .args(["netns", "del", &self.name])
             .status();
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        // A cgroup goes once empty (no process ever entered it); its links die with it.
+        let _ = std::fs::remove_dir(&self.cgroup);
     }
 }
 
@@ -227,9 +244,16 @@ fn agent_loads_attaches_and_pins_with_exactly_the_required_capabilities() {
     assert!(stdout.contains("loaded; pinned under"), "{}", text(&out));
 
     let dir = nodeport_agent::PinLayout::new(sandbox.pin_root()).dir();
-    for prog in ["np_xdp", "np_tc_ingress", "np_tc_egress"] {
+    for prog in nodeport_agent::loader::PROGRAMS {
         assert!(dir.join("progs").join(prog).exists(), "{prog} not pinned");
     }
+    // The socket programs are attached to the cgroup too (one pinned link each).
+    let cgroup_links: Vec<PathBuf> = std::fs::read_dir(dir.join("cgroup-links"))
+        .expect("cgroup links pinned")
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(cgroup_links.len(), 4, "{cgroup_links:?}");
     for map in ["np_config", "np_front4", "np_ct4", "np_stats"] {
         assert!(dir.join(map).exists(), "{map} not pinned");
     }

@@ -404,6 +404,29 @@ fn daemonset_command_line_parses_with_the_agents_cli() {
             run.pin.pin_root.display(),
             mount.mount_path
         );
+        // Socket load balancing attaches to the host's cgroup v2 root, mounted into the pod.
+        let cgroup = run.cgroup.as_ref().expect("NODEPORT_CGROUP is set");
+        let mount = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| Path::new(&m.mount_path) == cgroup)
+            .unwrap_or_else(|| panic!("{name}: nothing mounted at {}", cgroup.display()));
+        let pod = daemon_set(&base)
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .expect("the cgroup volume");
+        assert_eq!(volume.host_path.as_ref().unwrap().path, "/sys/fs/cgroup");
     }
     // The kind overlay points the API client at the kind control plane.
     let data = config_data(&overlay);

@@ -75,20 +75,6 @@ fn manifests() -> String {
     .collect()
 }
 
-/// Where cgroup v2 is mounted (/sys/fs/cgroup on a unified hierarchy, /sys/fs/cgroup/unified on
-/// a hybrid one like this CI's).
-fn cgroup2_mount() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mounts
-        .lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            (right.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(mount_point))
-        })
-        .expect("no cgroup2 mount: socket load balancing needs cgroup v2")
-}
-
 /// A cgroup for this test; the process is moved back out and the cgroup removed on drop.
 struct Cgroup {
     path: PathBuf,
@@ -97,7 +83,8 @@ struct Cgroup {
 
 impl Cgroup {
     fn new(name: &str) -> Self {
-        let mount = cgroup2_mount();
+        let mount = nodeport_agent::cgroup::cgroup2_mount()
+            .expect("no cgroup2 mount: socket load balancing needs cgroup v2");
         let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
         let rel = own
             .lines()
