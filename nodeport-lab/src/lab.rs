@@ -16,12 +16,17 @@
 //! in the root namespace: no address of the lab can be reached from, or leak to, the machine's
 //! networks. State lives under `<state root>/<prefix>/` (state.json, the manifests directory every
 //! agent reads, pid files and logs); pins under `/sys/fs/bpf/<node name>/`.
+//!
+//! Each node is also a cgroup v2 directory, `<cgroup2 mount>/<node name>/`, as a kind node
+//! container is: its agent runs in it, each pod in `pod-<name>/` below it, and the agent attaches
+//! its socket programs there (`--cgroup`), so the node's processes and pods reach nodePorts on the
+//! node's own address (their packets never cross the node interface's ingress).
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
     path::PathBuf,
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -29,6 +34,7 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    probe::{Exchange, Failure, Proto},
     sys,
     workload::{self, Frontend, NodeInfo, Pod, Template},
 };
@@ -119,6 +125,18 @@ impl Config {
         PathBuf::from("/sys/fs/bpf").join(node)
     }
 
+    /// The node's cgroup: its agent's, its own processes', and the parent of its pods'. Named
+    /// like the node, so `owns` recognises it.
+    pub fn node_cgroup(&self, node: &str) -> anyhow::Result<PathBuf> {
+        Ok(sys::cgroup2_mount()?.join(node))
+    }
+
+    /// A pod's cgroup, below its node's (`pod-`: a pod name could otherwise look like one of
+    /// the cgroup's own files, `cgroup.procs`, `memory.max`, …).
+    pub fn pod_cgroup(&self, node: &str, pod: &str) -> anyhow::Result<PathBuf> {
+        Ok(self.node_cgroup(node)?.join(format!("pod-{pod}")))
+    }
+
     /// Whether a namespace or pin directory name is one this lab creates. Exact shapes, not a
     /// bare prefix match: `np-lab` must never claim `np-lab-2`'s objects.
     pub fn owns(&self, name: &str) -> bool {
@@ -194,6 +212,7 @@ pub fn up(cfg: Config) -> anyhow::Result<Lab> {
     if !sys::bpffs_mounted() {
         bail!("bpffs is not mounted on /sys/fs/bpf (scripts/setup.sh mounts it)");
     }
+    sys::cgroup2_mount().context("lab up")?;
     for bin in [&cfg.agent, &cfg.echo] {
         if !bin.is_file() {
             bail!(
@@ -270,6 +289,13 @@ pub fn down(cfg: &Config) -> anyhow::Result<()> {
             sys::stop(pid, Duration::from_secs(1));
         }
     }
+    // Whatever else runs in the nodes' cgroups (a client started in a pod, say).
+    let cgroups = owned_cgroups(cfg);
+    for cgroup in &cgroups {
+        for pid in sys::cgroup_pids(cgroup) {
+            sys::stop(pid, Duration::from_secs(1));
+        }
+    }
     // 2. Pins: unload inside the node's namespace (netlink filters, if any, are found there).
     for entry in std::fs::read_dir("/sys/fs/bpf")
         .into_iter()
@@ -305,6 +331,10 @@ pub fn down(cfg: &Config) -> anyhow::Result<()> {
     for ns in &ordered {
         sys::netns_del(ns);
     }
+    // 4. Cgroups, now that their processes are gone (what cannot go is named below).
+    for cgroup in &cgroups {
+        let _ = sys::cgroup_remove(cgroup, Duration::from_secs(5));
+    }
     let _ = std::fs::remove_dir_all(cfg.state_dir());
     let left = leftovers(cfg);
     if !left.is_empty() {
@@ -332,10 +362,31 @@ pub fn leftovers(cfg: &Config) -> Vec<String> {
             out.push(format!("pins {}", entry.path().display()));
         }
     }
+    for cgroup in owned_cgroups(cfg) {
+        for pid in sys::cgroup_pids(&cgroup) {
+            out.push(format!("process {pid} in cgroup {}", cgroup.display()));
+        }
+        out.push(format!("cgroup {}", cgroup.display()));
+    }
     if cfg.state_dir().exists() {
         out.push(format!("state {}", cfg.state_dir().display()));
     }
     out
+}
+
+/// The lab's node cgroups that exist (none without a cgroup v2 mount: then `up` never ran).
+fn owned_cgroups(cfg: &Config) -> Vec<PathBuf> {
+    let Ok(mount) = sys::cgroup2_mount() else {
+        return Vec::new();
+    };
+    std::fs::read_dir(mount)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| cfg.owns(&e.file_name().to_string_lossy()))
+        .map(|e| e.path())
+        .collect()
 }
 
 impl Lab {
@@ -459,12 +510,17 @@ impl Lab {
     /// `nodeport-agent`: pid files are only trusted for processes of that name.
     pub fn start_agent(&self, node: &str, binary: &std::path::Path) -> anyhow::Result<i32> {
         let c = &self.state.config;
+        let cgroup = c.node_cgroup(node)?;
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let mut cmd = Command::new(binary);
         cmd.args(["run", "--node-name", node, "--interfaces", "eth0"])
             .arg("--manifests")
             .arg(c.manifests_dir())
             .arg("--pin-root")
             .arg(c.pin_root(node))
+            .arg("--cgroup")
+            .arg(&cgroup)
             .args(["--min-sync-period-ms", "50"])
             .args(&c.agent_args);
         // kube-proxy's default port on every address, unless the test asks for another
@@ -473,7 +529,7 @@ impl Lab {
         if !own_healthz {
             cmd.args(["--healthz-bind-address", "0.0.0.0:10256"]);
         }
-        let pid = sys::spawn_in_netns(node, &mut cmd, &c.agent_log(node))?;
+        let pid = sys::spawn_in(node, Some(&cgroup), &mut cmd, &c.agent_log(node))?;
         std::fs::write(
             c.agents_dir().join(format!("{node}.pid")),
             format!("{pid}\n"),
@@ -705,6 +761,22 @@ impl Lab {
         sys::ip_in(&ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         sys::ip_in(&ns, &["link", "set", "eth0", "up"])?;
         sys::ip_in(&ns, &["route", "add", "default", "via", &gw])?;
+        // The pod's neighbours through the node too, as kind's ptp CNI routes them: with the /24
+        // on-link the pod would ARP for a pod of its node, and nothing on the veth answers. (A
+        // node's own address at a nodePort reaches such a pod once socket load balancing
+        // rewrites the connect().)
+        sys::ip_in(
+            &ns,
+            &[
+                "route",
+                "replace",
+                &node.pod_cidr(),
+                "via",
+                &gw,
+                "dev",
+                "eth0",
+            ],
+        )?;
         self.start_echo(&pod)?;
         Ok(pod)
     }
@@ -730,7 +802,10 @@ impl Lab {
             }
         }
         let log = c.pods_dir().join(format!("{}.log", pod.name));
-        let pid = sys::spawn_in_netns(&c.pod_ns(&pod.name), &mut cmd, &log)?;
+        let cgroup = c.pod_cgroup(&pod.node, &pod.name)?;
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let pid = sys::spawn_in(&c.pod_ns(&pod.name), Some(&cgroup), &mut cmd, &log)?;
         std::fs::write(
             c.pods_dir().join(format!("{}.pid", pod.name)),
             format!("{pid}\n"),
@@ -749,6 +824,13 @@ impl Lab {
         // devices go later, asynchronously, and the address may be reused at once.
         let _ = sys::ip_in(&pod.node, &["link", "del", &pod.host_if]);
         sys::netns_del(&c.pod_ns(name));
+        if let Ok(cgroup) = c.pod_cgroup(&pod.node, name) {
+            for pid in sys::cgroup_pids(&cgroup) {
+                sys::stop(pid, Duration::from_secs(1));
+            }
+            // Cleanup: what stays is named by `down`'s leftover check.
+            let _ = sys::cgroup_remove(&cgroup, Duration::from_secs(2));
+        }
         for ext in ["pid", "ready", "log"] {
             let _ = std::fs::remove_file(c.pods_dir().join(format!("{name}.{ext}")));
         }
@@ -948,7 +1030,133 @@ impl Lab {
     pub fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
         sys::in_netns(&self.state.config.client_ns(), f)
     }
+
+    /// One exchange with `target` by a process inside pod `pod` (its network namespace and
+    /// cgroup, as `kubectl exec` runs one): `nodeport-echo get`.
+    pub fn exec_in_pod(
+        &self,
+        pod: &str,
+        target: SocketAddrV4,
+        proto: Proto,
+        timeout: Duration,
+    ) -> Result<Exchange, ClientError> {
+        let c = &self.state.config;
+        let place = format!("pod {pod}");
+        let fail = |failure| ClientError {
+            client: place.clone(),
+            target,
+            proto,
+            failure,
+        };
+        let p = self
+            .state
+            .pods
+            .iter()
+            .find(|p| p.name == pod)
+            .ok_or_else(|| fail(Failure::Other("no such pod in the lab".into())))?;
+        let cgroup = c
+            .pod_cgroup(&p.node, pod)
+            .map_err(|e| fail(Failure::Other(format!("{e:#}"))))?;
+        self.exec_client(&place, &c.pod_ns(pod), &cgroup, target, proto, timeout)
+    }
+
+    /// One exchange with `target` by a process on node `node` (its network namespace and
+    /// cgroup, outside every pod), as `docker exec <kind node>` runs one.
+    pub fn exec_on_node(
+        &self,
+        node: &str,
+        target: SocketAddrV4,
+        proto: Proto,
+        timeout: Duration,
+    ) -> Result<Exchange, ClientError> {
+        let place = format!("node {node}");
+        let cgroup = self
+            .state
+            .config
+            .node_cgroup(node)
+            .map_err(|e| ClientError {
+                client: place.clone(),
+                target,
+                proto,
+                failure: Failure::Other(format!("{e:#}")),
+            })?;
+        self.exec_client(&place, node, &cgroup, target, proto, timeout)
+    }
+
+    fn exec_client(
+        &self,
+        place: &str,
+        ns: &str,
+        cgroup: &std::path::Path,
+        target: SocketAddrV4,
+        proto: Proto,
+        timeout: Duration,
+    ) -> Result<Exchange, ClientError> {
+        let fail = |failure| ClientError {
+            client: place.to_owned(),
+            target,
+            proto,
+            failure,
+        };
+        let mut cmd = Command::new(&self.state.config.echo);
+        cmd.arg("get")
+            .arg(target.to_string())
+            .args(proto.flag())
+            .args(["--timeout-ms", &timeout.as_millis().to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = sys::spawn_entering(ns, Some(cgroup), &mut cmd, false)
+            .map_err(|e| fail(Failure::Other(format!("{e:#}"))))?;
+        // Connect, then read: each bounded by `timeout` inside the client.
+        let deadline = Instant::now() + timeout * 2 + Duration::from_secs(5);
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(Failure::Other(format!(
+                    "nodeport-echo get still running after {:?}: killed",
+                    timeout * 2 + Duration::from_secs(5)
+                ))));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| fail(Failure::Other(format!("nodeport-echo get: {e}"))))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            return Err(fail(Failure::from_exit_code(out.status.code(), &stderr)));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            fail(Failure::Other(format!(
+                "nodeport-echo get printed {:?}: {e}",
+                String::from_utf8_lossy(&out.stdout)
+            )))
+        })
+    }
 }
+
+/// A client exchange that failed: who tried what, and how it ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientError {
+    /// "pod <name>" or "node <name>".
+    pub client: String,
+    pub target: SocketAddrV4,
+    pub proto: Proto,
+    pub failure: Failure,
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} -> {} over {}: {}",
+            self.client, self.target, self.proto, self.failure
+        )
+    }
+}
+
+impl std::error::Error for ClientError {}
 
 /// What a pod answered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

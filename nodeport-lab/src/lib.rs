@@ -11,13 +11,16 @@
 //! - [`load`]: long-lived and new connections from the client namespace, and the reliability
 //!   scenarios (agent restarts and upgrades, backend churn) that run under it.
 //! - The `nodeport-echo` binary is the pods' server (HTTP and UDP, answers JSON naming the node,
-//!   the pod, its address and the client address it saw).
+//!   the pod, its address and the client address it saw), and with `get` the client that pods
+//!   and nodes run ([`probe`]): socket load balancing acts per process, by cgroup.
 pub mod lab;
 pub mod load;
+pub mod probe;
 pub mod report;
 pub mod sys;
 pub mod workload;
 
 pub use lab::{
-    Answer, ApplyReport, CLIENT_ADDR, Config, DEFAULT_PREFIX, Lab, STATE_ROOT, down, leftovers, up,
+    Answer, ApplyReport, CLIENT_ADDR, ClientError, Config, DEFAULT_PREFIX, Lab, STATE_ROOT, down,
+    leftovers, up,
 };

@@ -3,7 +3,7 @@ use std::{
     fs::File,
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -136,31 +136,175 @@ pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> anyhow::Re
 /// appended to `log`. Returns its pid. Only the network namespace changes (unlike `ip netns
 /// exec`, which also remounts /sys and would hide bpffs).
 pub fn spawn_in_netns(ns: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<i32> {
-    let netns = File::open(netns_path(ns)).with_context(|| format!("netns {ns}"))?;
+    spawn_in(ns, None, cmd, log)
+}
+
+/// [`spawn_in_netns`], and the process starts as a member of the cgroup v2 directory `cgroup`
+/// (when given), as a container's processes start in its cgroup.
+pub fn spawn_in(
+    ns: &str,
+    cgroup: Option<&Path>,
+    cmd: &mut Command,
+    log: &Path,
+) -> anyhow::Result<i32> {
     let out = File::options()
         .create(true)
         .append(true)
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    let child = spawn_entering(ns, cgroup, cmd, true)?;
+    Ok(child.id() as i32)
+}
+
+/// Spawns `cmd` inside network namespace `ns` and, when given, cgroup `cgroup` (its stdio as
+/// `cmd` says); `daemon` gives it its own session. Both are joined between fork and exec, so the
+/// program's first instruction already runs there: cgroup membership is per process, so the
+/// socket programs attached to a cgroup see every socket it makes.
+pub fn spawn_entering(
+    ns: &str,
+    cgroup: Option<&Path>,
+    cmd: &mut Command,
+    daemon: bool,
+) -> anyhow::Result<Child> {
+    let netns = File::open(netns_path(ns)).with_context(|| format!("netns {ns}"))?;
+    // Opened before the fork: the child may only make async-signal-safe calls.
+    let procs = cgroup
+        .map(|dir| {
+            let path = dir.join("cgroup.procs");
+            File::options()
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))
+        })
+        .transpose()?;
     let fd = netns.as_raw_fd();
-    // SAFETY: setns and setsid are async-signal-safe; fd stays open until spawn returns.
+    let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: setns, write and setsid are async-signal-safe; both fds stay open until spawn
+    // returns.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            libc::setsid();
+            // "0" moves the writing process itself (cgroup v2's cgroup.procs).
+            if let Some(procs) = procs_fd
+                && libc::write(procs, b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if daemon {
+                libc::setsid();
+            }
             Ok(())
         });
     }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("starting {cmd:?} in {ns}"))?;
-    drop(netns);
-    Ok(child.id() as i32)
+    let child = cmd.spawn().with_context(|| {
+        let place = cgroup.map_or(String::new(), |c| format!(" (cgroup {})", c.display()));
+        format!("starting {cmd:?} in {ns}{place}")
+    })?;
+    drop((netns, procs));
+    Ok(child)
+}
+
+/// Where cgroup v2 is mounted (/sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified on a
+/// hybrid one), from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    cgroup2_mount_in(&text).context(
+        "no cgroup v2 filesystem is mounted (/proc/self/mountinfo has no cgroup2 line): the lab \
+         puts each node's processes in a cgroup v2 directory for the agent's socket load \
+         balancing; mount one, e.g. `mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none \
+         /sys/fs/cgroup/unified`",
+    )
+}
+
+/// The mount point of the first cgroup2 line of a mountinfo text (proc(5): fields up to a lone
+/// `-`, then the filesystem type; the mount point is the fifth field, with octal escapes).
+fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let mount_point = fields.get(4)?;
+        (fields.get(sep + 1) == Some(&"cgroup2")).then(|| PathBuf::from(unescape(mount_point)))
+    })
+}
+
+/// Undoes mountinfo's `\ooo` escapes (space, tab, newline, backslash).
+fn unescape(field: &str) -> String {
+    let mut out = String::new();
+    let mut rest = field;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(char::from(c));
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The processes of a cgroup and of every cgroup below it.
+pub fn cgroup_pids(dir: &Path) -> Vec<i32> {
+    let mut pids: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    for child in cgroup_children(dir) {
+        pids.extend(cgroup_pids(&child));
+    }
+    pids
+}
+
+fn cgroup_children(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Removes a cgroup directory and the cgroups below it (deepest first). A cgroup can only go
+/// once it has no process, and a killed process leaves it asynchronously (after it is reaped,
+/// the kernel still has to drop its css_set): rmdir says EBUSY meanwhile, so it is tried again
+/// for up to `patience`.
+pub fn cgroup_remove(dir: &Path, patience: Duration) -> anyhow::Result<()> {
+    for child in cgroup_children(dir) {
+        cgroup_remove(&child, patience)?;
+    }
+    let deadline = Instant::now() + patience;
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "removing cgroup {} (processes still in it: {:?})",
+                        dir.display(),
+                        cgroup_pids(dir)
+                    )
+                });
+            }
+        }
+    }
 }
 
 /// Whether `pid` runs (a zombie does not count). Reaps it first if it is our child.
@@ -235,4 +379,33 @@ pub fn bpffs_mounted() -> bool {
                 && l.split_whitespace().nth(2) == Some("bpf")
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_unified_or_hybrid() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        // Optional fields (shared:N) sit before the separator.
+        let unified =
+            "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            cgroup2_mount_in(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        let spaced = "50 23 0:40 / /mnt/my\\040cgroups rw - cgroup2 none rw\n";
+        assert_eq!(
+            cgroup2_mount_in(spaced),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
+        assert_eq!(cgroup2_mount_in(&hybrid.replace("cgroup2", "tmpfs")), None);
+    }
 }

@@ -1,9 +1,10 @@
 //! Exposure, in the lab: a nodePort answers only on the node's nodePort addresses (the Node's
 //! InternalIP/ExternalIP, narrowed by `--nodeport-addresses`), never on its other addresses
-//! (loopback, the pod-facing gateway, an extra address on its interface) or from the node and
-//! its pods themselves; the health and metrics listener binds where `--healthz-bind-address`
-//! says. What this promises, and how it compares with kube-proxy, is in docs/RELIABILITY.md
-//! ("Exposure").
+//! (loopback, the pod-facing gateway, an extra address on its interface); the node's own
+//! processes and pods reach it on those addresses too (socket load balancing on the node's
+//! cgroup), and a service without endpoints refuses them; the health and metrics listener binds
+//! where `--healthz-bind-address` says. What this promises, and how it compares with kube-proxy,
+//! is in docs/RELIABILITY.md ("Exposure").
 //!
 //! Each test brings up its own lab (prefix `npex<pid>-<n>`) and tears it down in a Drop guard.
 //! They need root and fail (never skip) without it.
@@ -15,7 +16,12 @@ use std::{
     time::Duration,
 };
 
-use nodeport_lab::{Config, lab::http_get, sys};
+use nodeport_lab::{
+    Config,
+    lab::http_get,
+    probe::{Failure, Proto},
+    sys,
+};
 
 mod support;
 use support::{ECHO, TestLab, agent_binary, require_root, sweep_stale};
@@ -23,6 +29,8 @@ use support::{ECHO, TestLab, agent_binary, require_root, sweep_stale};
 const PREFIX: &str = "npex";
 const T: Duration = Duration::from_secs(2);
 const NODE_PORT: u16 = 30310;
+/// A Service whose selector matches no pod.
+const EMPTY_PORT: u16 = 30311;
 /// kube-proxy's healthz port, `0x2810` in /proc/net/tcp.
 const HEALTHZ_PORT: u16 = 10256;
 
@@ -51,6 +59,15 @@ spec:
   selector: {app: web}
   ports:
   - {name: http, port: 80, targetPort: http, nodePort: 30310}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty}
+spec:
+  type: NodePort
+  selector: {app: nothing-has-this-label}
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30311}
 "#;
 
 fn lab_up(agent_args: &[&str]) -> TestLab {
@@ -84,6 +101,14 @@ enum Outcome {
     Other(String),
 }
 
+fn outcome(result: Result<nodeport_lab::probe::Exchange, nodeport_lab::ClientError>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Answered,
+        Err(e) if e.failure == Failure::Refused => Outcome::Refused,
+        Err(e) => Outcome::Other(e.to_string()),
+    }
+}
+
 fn attempt(addr: Ipv4Addr, port: u16) -> Outcome {
     match http_get(addr, port, T) {
         Ok(_) => Outcome::Answered,
@@ -109,9 +134,26 @@ impl TestLab {
         (n.name, n.addr)
     }
 
-    /// A connection attempt from inside namespace `ns`.
+    /// A connection attempt from a thread of this test inside namespace `ns`: outside every
+    /// cgroup of the lab.
     fn attempt_in(&self, ns: &str, addr: Ipv4Addr) -> Outcome {
         sys::in_netns(ns, || attempt(addr, NODE_PORT)).unwrap()
+    }
+
+    /// A connection attempt by a process in `pod` (its namespace and cgroup).
+    fn attempt_from_pod(&self, pod: &str, addr: Ipv4Addr, port: u16) -> Outcome {
+        let target = SocketAddrV4::new(addr, port);
+        outcome(self.lab.exec_in_pod(pod, target, Proto::Tcp, T))
+    }
+
+    /// A connection attempt by a process on `node` (its namespace and cgroup, outside pods).
+    fn attempt_from_node(&self, node: &str, addr: Ipv4Addr) -> Outcome {
+        let target = SocketAddrV4::new(addr, NODE_PORT);
+        outcome(self.lab.exec_on_node(node, target, Proto::Tcp, T))
+    }
+
+    fn sock(&self, node: &str, counter: &str) -> u64 {
+        self.counters(node)[counter]
     }
 
     /// The dataplane's packet counters of a node, by reason (`nodeport-agent stats`).
@@ -223,37 +265,73 @@ fn node_ports_answer_only_on_the_node_addresses() {
             "{addr}:{NODE_PORT} from the client must not be translated"
         );
     }
-    // From the node itself (loopback, its own address, the gateway) and from its pod (the
-    // gateway, the node's address): locally sent packets never cross the interface's ingress
-    // hook, so nothing is translated and the node's stack refuses.
-    for addr in [Ipv4Addr::LOCALHOST, w_addr, gateway] {
+    // From the node itself and from its pod, as processes in their cgroups: the node's
+    // nodePort address is served at the syscall (socket load balancing); loopback and the
+    // gateway are not nodePort addresses and are refused by the node's stack.
+    let sock_before = t.sock(&worker, "sock_translated");
+    for (addr, want) in [
+        (Ipv4Addr::LOCALHOST, Outcome::Refused),
+        (gateway, Outcome::Refused),
+        (w_addr, Outcome::Answered),
+    ] {
         assert_eq!(
-            t.attempt_in(&worker, addr),
-            Outcome::Refused,
-            "{addr}:{NODE_PORT} from inside {worker}"
+            t.attempt_from_node(&worker, addr),
+            want,
+            "{addr}:{NODE_PORT} from a process on {worker}"
         );
-    }
-    let pod_ns = t.cfg.pod_ns(&pod.name);
-    for addr in [gateway, w_addr] {
         assert_eq!(
-            t.attempt_in(&pod_ns, addr),
-            Outcome::Refused,
+            t.attempt_from_pod(&pod.name, addr, NODE_PORT),
+            want,
             "{addr}:{NODE_PORT} from pod {}",
             pod.name
         );
     }
+    // Exactly the two connects to the node's address were translated.
+    assert_eq!(t.sock(&worker, "sock_translated") - sock_before, 2);
+    // A thread of this test in the node's or the pod's namespace is outside their cgroups: no
+    // socket program sees it, and locally sent packets never cross eth0's ingress hook.
+    let pod_ns = t.cfg.pod_ns(&pod.name);
+    for ns in [&worker, &pod_ns] {
+        for addr in [Ipv4Addr::LOCALHOST, w_addr, gateway] {
+            assert_eq!(
+                t.attempt_in(ns, addr),
+                Outcome::Refused,
+                "{addr}:{NODE_PORT} from outside the cgroup in {ns}"
+            );
+        }
+    }
+    assert_eq!(t.sock(&worker, "sock_translated") - sock_before, 2);
     assert_eq!(
         t.translated(&worker),
         before,
         "the worker translated a packet to an address that is not a nodePort address"
+    );
+
+    // A Service without endpoints: the client's SYN is dropped by the packet path (it times
+    // out); from the pod the socket programs leave the connect() alone and the node's stack
+    // refuses it at once, as kube-proxy's REJECT would.
+    let no_backend = t.sock(&worker, "sock_no_backend");
+    let started = std::time::Instant::now();
+    assert_eq!(
+        t.attempt_from_pod(&pod.name, w_addr, EMPTY_PORT),
+        Outcome::Refused
+    );
+    let refused_in = started.elapsed();
+    assert!(refused_in < T, "refused after {refused_in:?}");
+    assert_eq!(t.sock(&worker, "sock_no_backend") - no_backend, 1);
+    eprintln!("{w_addr}:{EMPTY_PORT} (no endpoints) from the pod: refused in {refused_in:?}");
+    let from_client = t.lab.in_client(|| attempt(w_addr, EMPTY_PORT)).unwrap();
+    assert!(
+        matches!(&from_client, Outcome::Other(e) if e.contains("timed out")),
+        "{w_addr}:{EMPTY_PORT} from the client: {from_client:?}"
     );
     // The client's SYNs did reach the dataplane and were passed: counted, untouched. (The
     // node's and the pod's own attempts never crossed eth0's ingress.)
     let passed = t.counters(&worker)["pass_not_nodeport"] - passed_before;
     assert!(passed >= 2, "pass_not_nodeport grew by {passed}");
 
-    // Positive control: a pod reaches another node's nodePort (out of its node's interface,
-    // into the other node's), answered by itself through that node.
+    // A pod reaches another node's nodePort over the wire (out of its node's interface, into
+    // the other node's packet path), answered by itself through that node.
     let a = sys::in_netns(&pod_ns, || http_get(w2_addr, NODE_PORT, T))
         .unwrap()
         .unwrap_or_else(|e| panic!("pod -> {w2_addr}:{NODE_PORT}: {e:#}"));
@@ -303,6 +381,19 @@ fn nodeport_addresses_and_healthz_bind_address_restrict_exposure() {
         );
         assert_eq!(t.translated(node), before, "{node} translated");
     }
+    // The same for the nodes' own processes: outside --nodeport-addresses, the socket programs
+    // leave them alone (np_addr4 is the one list of nodePort addresses).
+    for (node, addr) in [(&cp, cp_addr), (&w2, w2_addr)] {
+        let before = t.sock(node, "sock_translated") + t.sock(node, "sock_no_backend");
+        assert_eq!(
+            t.attempt_from_node(node, addr),
+            Outcome::Refused,
+            "{addr}:{NODE_PORT} from {node} is outside --nodeport-addresses"
+        );
+        let after = t.sock(node, "sock_translated") + t.sock(node, "sock_no_backend");
+        assert_eq!(after, before, "{node}'s socket programs acted");
+    }
+    assert_eq!(t.attempt_from_node(&worker, w_addr), Outcome::Answered);
 
     // The listener is on loopback only: /proc/net/tcp, and by connecting.
     for node in [&worker, &cp, &w2] {

@@ -13,13 +13,21 @@
 //! Usage: `nodeport-echo --node NODE --pod POD --pod-ip IP [--tcp PORT]… [--udp PORT]…
 //! [--ready-file PATH]`. It binds every port on 0.0.0.0 and then creates the ready file (the
 //! lab's readiness probe). std only: one thread per listener and per connection.
+//!
+//! Client mode, `nodeport-echo get ADDR:PORT [--udp | --udp-connected] [--timeout-ms N]`: one
+//! exchange with a server like this one (a GET on a new TCP connection, or one datagram); prints
+//! the answer and what the client's socket saw (`nodeport_lab::probe::Exchange`) as JSON. Exit
+//! code 2: refused, 3: timed out, 1: anything else (on stderr). The lab runs it inside a pod or
+//! on a node (`Lab::exec_in_pod`, `Lab::exec_on_node`).
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     process::ExitCode,
     sync::Arc,
     time::Duration,
 };
+
+use nodeport_lab::probe::{self, Proto};
 
 struct Who {
     node: String,
@@ -43,7 +51,11 @@ impl Who {
 }
 
 fn main() -> ExitCode {
-    match run() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "get") {
+        return get(&args[1..]);
+    }
+    match serve(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nodeport-echo: {e}");
@@ -52,14 +64,61 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<(), String> {
+fn get(args: &[String]) -> ExitCode {
+    let usage = "nodeport-echo get ADDR:PORT [--udp | --udp-connected] [--timeout-ms N]";
+    let (mut target, mut proto, mut timeout) = (None, Proto::Tcp, Duration::from_secs(2));
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--udp" => proto = Proto::Udp,
+            "--udp-connected" => proto = Proto::UdpConnected,
+            "--timeout-ms" => match it.next().and_then(|v| v.parse().ok()) {
+                Some(ms) => timeout = Duration::from_millis(ms),
+                None => {
+                    eprintln!("nodeport-echo get: --timeout-ms needs milliseconds; {usage}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            a if target.is_none() && !a.starts_with('-') => match a.parse::<SocketAddrV4>() {
+                Ok(t) => target = Some(t),
+                Err(e) => {
+                    eprintln!("nodeport-echo get: target {a:?}: {e} (want ADDR:PORT)");
+                    return ExitCode::FAILURE;
+                }
+            },
+            other => {
+                eprintln!("nodeport-echo get: unexpected {other:?}; {usage}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let Some(target) = target else {
+        eprintln!("nodeport-echo get: no target; {usage}");
+        return ExitCode::FAILURE;
+    };
+    match probe::exchange(target, proto, timeout) {
+        Ok(exchange) => {
+            println!(
+                "{}",
+                serde_json::to_string(&exchange).expect("an Exchange serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            eprintln!("nodeport-echo get: {proto} {target}: {failure}");
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+fn serve(args: Vec<String>) -> Result<(), String> {
     let mut who = Who {
         node: String::new(),
         pod: String::new(),
         pod_ip: String::new(),
     };
     let (mut tcp, mut udp, mut ready) = (Vec::new(), Vec::new(), None);
-    let mut args = std::env::args().skip(1);
+    let mut args = args.into_iter();
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         let port = |v: String| v.parse::<u16>().map_err(|e| format!("port {v:?}: {e}"));
@@ -72,7 +131,8 @@ fn run() -> Result<(), String> {
             "--ready-file" => ready = Some(value()?),
             "-h" | "--help" => {
                 println!(
-                    "nodeport-echo --node NODE --pod POD --pod-ip IP [--tcp PORT]... [--udp PORT]... [--ready-file PATH]"
+                    "nodeport-echo --node NODE --pod POD --pod-ip IP [--tcp PORT]... [--udp PORT]... [--ready-file PATH]\n\
+                     nodeport-echo get ADDR:PORT [--udp | --udp-connected] [--timeout-ms N]"
                 );
                 return Ok(());
             }

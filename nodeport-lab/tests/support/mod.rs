@@ -65,18 +65,27 @@ impl Drop for TestLab {
     }
 }
 
-/// Removes labs (`<prefix><pid>-<n>…`) of earlier test processes that died before their guards
-/// ran. Once per test binary.
+/// Removes labs (`<prefix><pid>-<n>…`: namespaces, state, node cgroups) of earlier test processes
+/// that died before their guards ran. Once per test binary.
 pub fn sweep_stale(prefix: &str) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let names = nodeport_lab::sys::netns_list().into_iter().chain(
-            std::fs::read_dir(nodeport_lab::STATE_ROOT)
+        let entries = |dir: &Path| -> Vec<String> {
+            std::fs::read_dir(dir)
                 .into_iter()
                 .flatten()
                 .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned()),
-        );
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        // A lab killed while `down` ran may have nothing left but its node cgroups.
+        let cgroups = nodeport_lab::sys::cgroup2_mount()
+            .map(|m| entries(&m))
+            .unwrap_or_default();
+        let names = nodeport_lab::sys::netns_list()
+            .into_iter()
+            .chain(entries(Path::new(nodeport_lab::STATE_ROOT)))
+            .chain(cgroups);
         let mut stale = BTreeSet::new();
         for name in names {
             let Some((pid, rest)) = name.strip_prefix(prefix).and_then(|r| r.split_once('-'))

@@ -1,0 +1,430 @@
+//! A node's own pods and processes reach nodePorts on the node's own address (socket load
+//! balancing): seed 003's `kubectl exec dnsutils -- wget <each node IP>:30040`, a process on the
+//! node, the counters that tell the socket path from the packet path, and agent restarts.
+//!
+//! Clients run as processes inside a pod's or node's cgroup (`Lab::exec_in_pod`,
+//! `Lab::exec_on_node`): the agent's socket programs are attached to the node's cgroup and see
+//! only its processes (a thread of this test in the node's namespace stays outside, and is
+//! refused: the control). What each client saw is documented in docs/RELIABILITY.md ("Exposure").
+//!
+//! Each test brings up its own lab (prefix `npon<pid>-<n>`) and tears it down in a Drop guard.
+//! They need root and fail (never skip) without it.
+use std::{
+    collections::BTreeMap,
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use nodeport_lab::{
+    Config,
+    lab::http_get,
+    probe::{Exchange, Proto},
+    sys,
+    workload::Pod,
+};
+
+mod support;
+use support::{ECHO, TestLab, agent_binary, require_root, sweep_stale};
+
+const PREFIX: &str = "npon";
+const T: Duration = Duration::from_secs(2);
+const NODE_PORT: u16 = 30040;
+const PROTOS: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::UdpConnected];
+
+/// Seed 003: `echo` (TCP and UDP 8080, nodePort 30040) pinned to the worker, `dnsutils` beside
+/// it, and a second client pod on worker2.
+const WORKLOAD: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      nodeSelector: {nodeport-lab/node: worker}
+      containers:
+      - name: echo
+        image: nodeport-echo
+        ports:
+        - {name: http, containerPort: 8080, protocol: TCP}
+        - {name: udp, containerPort: 8080, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo}
+spec:
+  type: NodePort
+  selector: {app: echo}
+  ports:
+  - {name: http, port: 8080, targetPort: http, nodePort: 30040, protocol: TCP}
+  - {name: udp, port: 8080, targetPort: udp, nodePort: 30040, protocol: UDP}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: dnsutils}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: dnsutils}}
+  template:
+    metadata: {labels: {app: dnsutils}}
+    spec:
+      nodeSelector: {nodeport-lab/node: worker}
+      containers:
+      - {name: dnsutils, image: nodeport-echo, ports: [{containerPort: 5353, protocol: UDP}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: other}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: other}}
+  template:
+    metadata: {labels: {app: other}}
+    spec:
+      nodeSelector: {nodeport-lab/node: worker2}
+      containers:
+      - {name: other, image: nodeport-echo, ports: [{containerPort: 5353, protocol: UDP}]}
+"#;
+
+fn lab_up() -> TestLab {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    require_root();
+    sweep_stale(PREFIX);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let prefix = format!("{PREFIX}{}-{n}", std::process::id());
+    let work = std::env::temp_dir().join(format!("nodeport-own-node-{prefix}"));
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("workload.yaml"), WORKLOAD).unwrap();
+    let cfg = Config::new(&prefix, work.clone(), agent_binary(), ECHO.into());
+    let lab = match nodeport_lab::up(cfg.clone()) {
+        Ok(lab) => lab,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            panic!("lab up: {e:#}");
+        }
+    };
+    TestLab { lab, cfg, work }
+}
+
+/// The lab's nodes and pods by role.
+struct Cast {
+    cp: Ipv4Addr,
+    worker: String,
+    w_addr: Ipv4Addr,
+    worker2: String,
+    w2_addr: Ipv4Addr,
+    echo: Pod,
+    dnsutils: Pod,
+    other: Pod,
+}
+
+impl TestLab {
+    fn cast(&self) -> Cast {
+        let node = |suffix: &str| {
+            let name = format!("{}-{suffix}", self.cfg.prefix);
+            let n = self.lab.node(&name).unwrap_or_else(|| panic!("no {name}"));
+            (n.name, n.addr)
+        };
+        let pod = |deployment: &str| {
+            let mut pods = self
+                .lab
+                .pods()
+                .iter()
+                .filter(|p| p.deployment == deployment);
+            let p = pods.next().unwrap_or_else(|| panic!("no {deployment} pod"));
+            assert!(pods.next().is_none(), "one {deployment} pod");
+            p.clone()
+        };
+        let ((worker, w_addr), (worker2, w2_addr)) = (node("worker"), node("worker2"));
+        let cast = Cast {
+            cp: node("control-plane").1,
+            worker,
+            w_addr,
+            worker2,
+            w2_addr,
+            echo: pod("echo"),
+            dnsutils: pod("dnsutils"),
+            other: pod("other"),
+        };
+        assert_eq!(cast.echo.node, cast.worker);
+        assert_eq!(cast.dnsutils.node, cast.worker);
+        assert_eq!(cast.other.node, cast.worker2);
+        cast
+    }
+
+    /// `nodeport-agent stats` of a node: packet counters and socket counters, by name.
+    fn counters(&self, node: &str) -> BTreeMap<String, u64> {
+        let root = self.cfg.pin_root(node);
+        let text = sys::run(
+            self.cfg.agent.to_str().unwrap(),
+            &["stats", "--pin-root", root.to_str().unwrap()],
+        )
+        .unwrap();
+        text.lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Packets the node's XDP/TC programs translated.
+    fn packet_path(&self, node: &str) -> u64 {
+        let c = self.counters(node);
+        ["new_flow", "established", "reply", "reselected"]
+            .iter()
+            .map(|k| c.get(*k).copied().unwrap_or(0))
+            .sum()
+    }
+
+    fn sock(&self, node: &str, counter: &str) -> u64 {
+        let c = self.counters(node);
+        *c.get(counter)
+            .unwrap_or_else(|| panic!("`nodeport-agent stats` of {node} has no {counter}: {c:?}"))
+    }
+
+    fn exchange_from_pod(&self, pod: &Pod, addr: Ipv4Addr, proto: Proto) -> Exchange {
+        let target = SocketAddrV4::new(addr, NODE_PORT);
+        self.lab
+            .exec_in_pod(&pod.name, target, proto, T)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn exchange_from_node(&self, node: &str, addr: Ipv4Addr, proto: Proto) -> Exchange {
+        let target = SocketAddrV4::new(addr, NODE_PORT);
+        self.lab
+            .exec_on_node(node, target, proto, T)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// The exchange reached the echo pod on `proto`'s port, and the client's socket names the
+/// address it asked for (getpeername / recvfrom restored), not the pod.
+fn assert_served(x: &Exchange, echo: &Pod, asked: Ipv4Addr, proto: Proto) {
+    assert_eq!(x.answer.pod, echo.name, "{x:?}");
+    assert_eq!(x.answer.port, 8080, "{x:?}");
+    let wire = if proto == Proto::Tcp { "TCP" } else { "UDP" };
+    assert_eq!(x.answer.proto, wire, "{x:?}");
+    assert_eq!(
+        x.peer,
+        SocketAddrV4::new(asked, NODE_PORT),
+        "{proto}: {x:?}"
+    );
+}
+
+#[test]
+fn a_pod_reaches_the_service_on_every_node_address_its_own_included() {
+    let t = lab_up();
+    let c = t.cast();
+    let packets_before = t.packet_path(&c.worker);
+    let sock_before = t.sock(&c.worker, "sock_translated");
+    let sock2_before = t.sock(&c.worker2, "sock_translated");
+
+    // Seed 003: dnsutils (on the worker, beside the echo pod) to every node's address. Its own
+    // node's address is translated at the syscall, so the pod sees dnsutils' own address; the
+    // others are reached over the wire and source-NATed by that node's packet path, so the pod
+    // sees that node's address.
+    for addr in [c.cp, c.w_addr, c.w2_addr] {
+        for proto in PROTOS {
+            let x = t.exchange_from_pod(&c.dnsutils, addr, proto);
+            assert_served(&x, &c.echo, addr, proto);
+            let seen = if addr == c.w_addr {
+                c.dnsutils.ip
+            } else {
+                addr
+            };
+            assert_eq!(x.answer.client, seen.to_string(), "{addr} {proto}: {x:?}");
+            eprintln!(
+                "{} -> {addr}:{NODE_PORT} {proto}: answered by {} ({}), which saw {}:{}; \
+                 the client's socket names {}",
+                c.dnsutils.name,
+                x.answer.pod,
+                x.answer.pod_ip,
+                x.answer.client,
+                x.answer.client_port,
+                x.peer
+            );
+        }
+    }
+    // A pod on worker2 to worker2's address: translated there to the pod on the worker, routed
+    // pod to pod (kindnet's routes), no NAT: the echo pod sees the other pod's address.
+    for proto in PROTOS {
+        let x = t.exchange_from_pod(&c.other, c.w2_addr, proto);
+        assert_served(&x, &c.echo, c.w2_addr, proto);
+        assert_eq!(x.answer.client, c.other.ip.to_string(), "{proto}: {x:?}");
+    }
+
+    // One translation per connect() (TCP, connected UDP) and per sendto(): three on each node,
+    // counted by the socket programs of the client's own node only. The worker's packet path
+    // translated nothing: dnsutils' packets to the other nodes leave through eth0's egress, and
+    // their replies come back for dnsutils itself (reverse-translated by the node that served
+    // them), never for a worker nodePort.
+    assert_eq!(t.sock(&c.worker, "sock_translated") - sock_before, 3);
+    assert_eq!(t.sock(&c.worker2, "sock_translated") - sock2_before, 3);
+    assert_eq!(t.packet_path(&c.worker), packets_before);
+    assert_eq!(t.sock(&c.worker, "sock_no_backend"), 0);
+}
+
+#[test]
+fn a_process_on_the_node_reaches_its_own_address_and_the_client_namespace_keeps_the_packet_path() {
+    let t = lab_up();
+    let c = t.cast();
+    let gateway = t.lab.node(&c.worker).unwrap().gateway();
+
+    // A process on the worker (its cgroup, outside every pod) to the worker's address: sent to
+    // the pod at connect()/sendto(), out of the pod's veth, so the pod sees the address the
+    // node sends from on that veth, the pod gateway.
+    let sock_before = t.sock(&c.worker, "sock_translated");
+    let packets_before = t.packet_path(&c.worker);
+    for proto in PROTOS {
+        let x = t.exchange_from_node(&c.worker, c.w_addr, proto);
+        assert_served(&x, &c.echo, c.w_addr, proto);
+        assert_eq!(x.answer.client, gateway.to_string(), "{proto}: {x:?}");
+    }
+    assert_eq!(t.sock(&c.worker, "sock_translated") - sock_before, 3);
+    assert_eq!(t.packet_path(&c.worker), packets_before);
+
+    // A process on worker2 to worker2's address: the backend is on the worker, reached via
+    // worker2's eth0, so the pod sees worker2's address, without any NAT.
+    for proto in PROTOS {
+        let x = t.exchange_from_node(&c.worker2, c.w2_addr, proto);
+        assert_served(&x, &c.echo, c.w2_addr, proto);
+        assert_eq!(x.answer.client, c.w2_addr.to_string(), "{proto}: {x:?}");
+    }
+
+    // Control: the same node, but a thread of this test (in the worker's network namespace,
+    // outside its cgroup). The socket programs never see it, the packets never cross eth0's
+    // ingress: refused by the node's stack.
+    let outside = sys::in_netns(&c.worker, || http_get(c.w_addr, NODE_PORT, T))
+        .unwrap()
+        .expect_err("a process outside the node's cgroup must not be served");
+    assert_eq!(
+        outside
+            .root_cause()
+            .downcast_ref::<std::io::Error>()
+            .map(|e| e.kind()),
+        Some(ErrorKind::ConnectionRefused),
+        "{outside:#}"
+    );
+
+    // The client namespace (outside every node's cgroup) still goes through the worker's
+    // packet path: a new flow per connection, no socket translation.
+    let sock_before = t.sock(&c.worker, "sock_translated");
+    let new_flow_before = t.counters(&c.worker)["new_flow"];
+    for _ in 0..3 {
+        let a = t.lab.get(c.w_addr, NODE_PORT, T).unwrap();
+        assert_eq!(a.pod, c.echo.name);
+        assert_eq!(a.client, nodeport_lab::CLIENT_ADDR.to_string(), "{a:?}");
+    }
+    let udp = t.lab.udp(c.w_addr, NODE_PORT, T).unwrap();
+    assert_eq!(udp.client, nodeport_lab::CLIENT_ADDR.to_string(), "{udp:?}");
+    assert_eq!(t.counters(&c.worker)["new_flow"] - new_flow_before, 4);
+    assert_eq!(t.sock(&c.worker, "sock_translated"), sock_before);
+}
+
+#[test]
+fn restarted_agents_keep_serving_pods_on_their_own_node() {
+    let t = lab_up();
+    let c = t.cast();
+    let cgroup = t.cfg.node_cgroup(&c.worker).unwrap();
+    let attached = || -> Vec<String> {
+        let out = sys::run("bpftool", &["cgroup", "show", cgroup.to_str().unwrap()]).unwrap();
+        let mut progs: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().last())
+            .filter(|name| name.starts_with("np_sk_"))
+            .map(str::to_owned)
+            .collect();
+        progs.sort();
+        progs
+    };
+    let four = attached();
+    assert_eq!(four.len(), 4, "the worker's cgroup: {four:?}");
+    let check = |when: &str| {
+        for proto in PROTOS {
+            let x = t
+                .lab
+                .exec_in_pod(
+                    &c.dnsutils.name,
+                    SocketAddrV4::new(c.w_addr, NODE_PORT),
+                    proto,
+                    T,
+                )
+                .unwrap_or_else(|e| panic!("{when}: {e}"));
+            assert_served(&x, &c.echo, c.w_addr, proto);
+            assert_eq!(x.answer.client, c.dnsutils.ip.to_string(), "{when}: {x:?}");
+        }
+    };
+    // The agent's log line per socket program: "np_sk_connect4 on cgroup …: attached", then
+    // "…: replaced in place" by every later agent.
+    let log = t.cfg.agent_log(&c.worker);
+    let swaps = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("np_sk_connect4 on cgroup")
+            .count()
+    };
+    let restart = |when: &str| {
+        let before = swaps();
+        let pid = t.lab.agent_pid(&c.worker).expect("the worker's agent runs");
+        sys::stop(pid, Duration::from_secs(10));
+        assert!(t.lab.agent_pid(&c.worker).is_none());
+        check(&format!("{when}, while the worker's agent is down"));
+        t.lab.start_agent(&c.worker, &t.cfg.agent).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while swaps() == before {
+            assert!(
+                Instant::now() < deadline,
+                "{when}: the restarted agent never reached the cgroup; its log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t.lab.wait_synced(Duration::from_secs(30)).unwrap();
+    };
+    check("before the restarts");
+
+    // The lab's restart path (the reliability scenario's: stop the agent, start it as the
+    // DaemonSet would). The links are pinned, so pods are served while it is down too.
+    restart("the first restart");
+    check("after the first restart");
+    // Swapped in place, not attached twice.
+    assert_eq!(attached(), four, "the worker's cgroup after the restart");
+
+    // Restarts under a pod's stream of new connections: none fails.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (done, failures) = std::thread::scope(|s| {
+        let client = s.spawn(|| {
+            let (mut done, mut failures) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let target = SocketAddrV4::new(c.w_addr, NODE_PORT);
+                match t.lab.exec_in_pod(&c.dnsutils.name, target, Proto::Tcp, T) {
+                    Ok(x) if x.answer.pod == c.echo.name => done += 1,
+                    Ok(x) => failures.push(format!("answered by {x:?}")),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (done, failures)
+        });
+        for n in 0..3 {
+            restart(&format!("restart {n} under load"));
+        }
+        stop.store(true, Ordering::Relaxed);
+        client.join().unwrap()
+    });
+    eprintln!("{done} connections through 3 restarts of the worker's agent");
+    assert_eq!(failures, Vec::<String>::new());
+    assert!(done > 3, "{done} exchanges");
+    assert_eq!(attached(), four);
+
+    // `up` on a running lab restarts a dead agent the same way.
+    sys::stop(t.lab.agent_pid(&c.worker).unwrap(), Duration::from_secs(10));
+    let lab = nodeport_lab::up(t.cfg.clone()).unwrap();
+    assert!(lab.agent_pid(&c.worker).is_some());
+    check("after `up` restarted it");
+    assert_eq!(attached(), four);
+}
