@@ -90,7 +90,96 @@ spec:
       - {name: other, image: nodeport-echo, ports: [{containerPort: 5353, protocol: UDP}]}
 "#;
 
+/// `web`: 3 replicas over the two workers, behind a Service without affinity (30050) and one
+/// with ClientIP affinity (30051); `echo` behind an externalTrafficPolicy=Local Service (30052);
+/// client pods on each worker.
+const BALANCING: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - {name: web, image: nodeport-echo, ports: [{name: http, containerPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports:
+  - {port: 80, targetPort: http, nodePort: 30050}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-sticky}
+spec:
+  type: NodePort
+  sessionAffinity: ClientIP
+  selector: {app: web}
+  ports:
+  - {port: 80, targetPort: http, nodePort: 30051}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      nodeSelector: {nodeport-lab/node: worker}
+      containers:
+      - {name: echo, image: nodeport-echo, ports: [{name: http, containerPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-local}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {app: echo}
+  ports:
+  - {port: 80, targetPort: http, nodePort: 30052}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: dnsutils}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: dnsutils}}
+  template:
+    metadata: {labels: {app: dnsutils}}
+    spec:
+      nodeSelector: {nodeport-lab/node: worker}
+      containers:
+      - {name: dnsutils, image: nodeport-echo, ports: [{containerPort: 5353, protocol: UDP}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: other}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: other}}
+  template:
+    metadata: {labels: {app: other}}
+    spec:
+      nodeSelector: {nodeport-lab/node: worker2}
+      containers:
+      - {name: other, image: nodeport-echo, ports: [{containerPort: 5353, protocol: UDP}]}
+"#;
+
 fn lab_up() -> TestLab {
+    lab_up_with(WORKLOAD)
+}
+
+fn lab_up_with(workload: &str) -> TestLab {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     require_root();
     sweep_stale(PREFIX);
@@ -98,7 +187,7 @@ fn lab_up() -> TestLab {
     let prefix = format!("{PREFIX}{}-{n}", std::process::id());
     let work = std::env::temp_dir().join(format!("nodeport-own-node-{prefix}"));
     std::fs::create_dir_all(&work).unwrap();
-    std::fs::write(work.join("workload.yaml"), WORKLOAD).unwrap();
+    std::fs::write(work.join("workload.yaml"), workload).unwrap();
     let cfg = Config::new(&prefix, work.clone(), agent_binary(), ECHO.into());
     let lab = match nodeport_lab::up(cfg.clone()) {
         Ok(lab) => lab,
@@ -427,4 +516,88 @@ fn restarted_agents_keep_serving_pods_on_their_own_node() {
     assert!(lab.agent_pid(&c.worker).is_some());
     check("after `up` restarted it");
     assert_eq!(attached(), four);
+}
+
+#[test]
+fn the_socket_path_balances_like_the_packet_path() {
+    let t = lab_up_with(BALANCING);
+    let node = |suffix: &str| {
+        let n = t.lab.node(&format!("{}-{suffix}", t.cfg.prefix)).unwrap();
+        (n.name, n.addr)
+    };
+    let ((_, w_addr), (worker2, w2_addr)) = (node("worker"), node("worker2"));
+    let pod = |deployment: &str| {
+        t.lab
+            .pods()
+            .iter()
+            .find(|p| p.deployment == deployment)
+            .unwrap()
+            .clone()
+    };
+    let (dnsutils, other, echo) = (pod("dnsutils"), pod("other"), pod("echo"));
+    let web: std::collections::BTreeSet<String> = t
+        .lab
+        .pods()
+        .iter()
+        .filter(|p| p.deployment == "web")
+        .map(|p| p.name.clone())
+        .collect();
+    assert_eq!(web.len(), 3);
+    let get = |pod: &Pod, addr: Ipv4Addr, port: u16| {
+        t.lab
+            .exec_in_pod(&pod.name, SocketAddrV4::new(addr, port), Proto::Tcp, T)
+    };
+
+    // Every backend, local or on the other worker, is chosen (each new connect() picks a random
+    // slot): 30 connections miss one of 3 backends with probability 3 * (2/3)^30, 1.5e-5.
+    let mut seen = BTreeMap::<String, u32>::new();
+    for _ in 0..30 {
+        let x = get(&dnsutils, w_addr, 30050).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(x.answer.client, dnsutils.ip.to_string(), "{x:?}");
+        *seen.entry(x.answer.pod).or_default() += 1;
+    }
+    eprintln!(
+        "30 connections from {} to its node's address: {seen:?}",
+        dnsutils.name
+    );
+    assert_eq!(
+        seen.keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        web
+    );
+
+    // ClientIP affinity: every connection from the pod goes to the same backend.
+    let sticky: std::collections::BTreeSet<String> = (0..10)
+        .map(|_| {
+            get(&dnsutils, w_addr, 30051)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .answer
+                .pod
+        })
+        .collect();
+    assert_eq!(
+        sticky.len(),
+        1,
+        "ClientIP affinity from one pod: {sticky:?}"
+    );
+
+    // externalTrafficPolicy=Local governs traffic from outside: from the client, worker2 (no
+    // local endpoint) drops it. Traffic a node's own pods send is local-origin, which kube-proxy
+    // sends to every endpoint (its KUBE-SVL chain is only for external sources): served from
+    // either worker's pods, on their own node's address, without NAT.
+    for (client, addr) in [(&dnsutils, w_addr), (&other, w2_addr)] {
+        let x = get(client, addr, 30052).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(x.answer.pod, echo.name, "{x:?}");
+        assert_eq!(x.answer.client, client.ip.to_string(), "{x:?}");
+    }
+    let from_client = t
+        .lab
+        .get(w2_addr, 30052, T)
+        .expect_err("eTP Local, no local endpoint");
+    assert!(
+        nodeport_lab::lab::is_connect_failure(&from_client),
+        "{from_client:#}"
+    );
+    assert_eq!(t.sock(&worker2, "sock_no_backend"), 0);
 }
