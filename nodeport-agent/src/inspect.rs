@@ -41,6 +41,9 @@ pub struct ServiceRow {
     pub external_traffic_policy_local: bool,
     pub client_ip_affinity_timeout_s: Option<u32>,
     pub backends: Vec<BackendRow>,
+    /// externalTrafficPolicy=Local: what the node's own processes and pods are balanced over
+    /// (every endpoint of the cluster). Empty otherwise.
+    pub own_node_backends: Vec<BackendRow>,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -78,6 +81,21 @@ pub fn backends(t: &ServiceTables) -> Result<Vec<BackendRow>, Error> {
 
 pub fn services(t: &ServiceTables) -> Result<Vec<ServiceRow>, Error> {
     let all = backends(t)?;
+    let rows = |ids: &[u32]| -> Vec<BackendRow> {
+        ids.iter()
+            .map(|id| {
+                all.iter()
+                    .find(|b| b.id == *id)
+                    .cloned()
+                    .unwrap_or(BackendRow {
+                        id: *id,
+                        address: "(missing)".into(),
+                        protocol: String::new(),
+                        local: false,
+                    })
+            })
+            .collect()
+    };
     let mut out = Vec::new();
     for s in t.services()? {
         let traffic = t.service_traffic(s.svc_id).unwrap_or_default();
@@ -88,21 +106,8 @@ pub fn services(t: &ServiceTables) -> Result<Vec<ServiceRow>, Error> {
             external_traffic_policy_local: s.flags & FRONTEND_ETP_LOCAL != 0,
             client_ip_affinity_timeout_s: (s.flags & FRONTEND_AFFINITY != 0)
                 .then_some(s.affinity_timeout_s),
-            backends: s
-                .backends
-                .iter()
-                .map(|id| {
-                    all.iter()
-                        .find(|b| b.id == *id)
-                        .cloned()
-                        .unwrap_or(BackendRow {
-                            id: *id,
-                            address: "(missing)".into(),
-                            protocol: String::new(),
-                            local: false,
-                        })
-                })
-                .collect(),
+            backends: rows(&s.backends),
+            own_node_backends: rows(&s.cluster_backends),
             packets: traffic.packets,
             bytes: traffic.bytes,
         });
@@ -240,7 +245,10 @@ pub fn render_services(rows: &[ServiceRow]) -> String {
         .map(|s| {
             let mut flags = Vec::new();
             if s.external_traffic_policy_local {
-                flags.push("eTP=Local".to_string());
+                flags.push(format!(
+                    "eTP=Local (own node: {} backends)",
+                    s.own_node_backends.len()
+                ));
             }
             if let Some(t) = s.client_ip_affinity_timeout_s {
                 flags.push(format!("affinity={t}s"));

@@ -362,6 +362,11 @@ pub fn to_want(d: &Desired) -> Want {
                         flags: s.flags(),
                         affinity_timeout_s: s.affinity_timeout_s.unwrap_or(0),
                         backends: s.backends.iter().map(|b| b.entry(f.proto)).collect(),
+                        cluster_backends: s
+                            .cluster_backends
+                            .iter()
+                            .map(|b| b.entry(f.proto))
+                            .collect(),
                         draining: s.draining.iter().map(|b| b.entry(f.proto)).collect(),
                     },
                 )

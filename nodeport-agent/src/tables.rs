@@ -29,6 +29,27 @@ pub struct ServiceEntry {
     pub affinity_timeout_s: u32,
     /// Backend ids for slots 1..=n, in order.
     pub backends: Vec<u32>,
+    /// externalTrafficPolicy=Local: backend ids of the cluster slots (`CLUSTER_SLOTS`), which
+    /// the node's own processes and pods are balanced over. Empty otherwise.
+    pub cluster_backends: Vec<u32>,
+}
+
+/// One of a service's two slot sets in `np_slot4`.
+#[derive(Clone, Copy)]
+struct SlotSet(u32);
+
+impl SlotSet {
+    fn local(svc_id: u32) -> Self {
+        Self(svc_id)
+    }
+
+    fn cluster(svc_id: u32) -> Self {
+        Self(svc_id | nodeport_common::CLUSTER_SLOTS)
+    }
+
+    fn slot(self, slot: u32) -> SlotKey {
+        SlotKey { svc_id: self.0, slot }
+    }
 }
 
 /// A backend in host terms.
@@ -190,51 +211,73 @@ impl ServiceTables {
         Ok(out)
     }
 
-    /// Writes a service port: slots first, then the frontend (whose count exposes them), then the
-    /// slots beyond the new count are removed.
+    /// Writes a service port: slots first (both sets), then the frontend (whose counts expose
+    /// them), then the slots beyond the new counts are removed.
     pub fn put_service(&mut self, svc: &ServiceEntry) -> Result<(), Error> {
-        let count = u16::try_from(svc.backends.len()).map_err(|_| Error::Map {
-            name: map_names::SLOTS.to_owned(),
-            source: MapError::OutOfBounds {
-                index: svc.backends.len() as u32,
-                max_entries: u32::from(u16::MAX),
-            },
-        })?;
         let key = frontend_key(svc.node_port, svc.proto);
-        let old_count = self
+        let old = self
             .frontends
             .get(&key, 0)
             .ok()
-            .filter(|f| f.svc_id == svc.svc_id)
-            .map_or(0, |f| u32::from(f.count));
-        for (i, id) in svc.backends.iter().enumerate() {
-            let slot = SlotKey {
-                svc_id: svc.svc_id,
-                slot: i as u32 + 1,
-            };
-            self.slots
-                .insert(&slot, &Slot { backend_id: *id }, 0)
-                .map_err(map_err(map_names::SLOTS))?;
-        }
+            .filter(|f| f.svc_id == svc.svc_id);
+        let local = SlotSet::local(svc.svc_id);
+        let cluster = SlotSet::cluster(svc.svc_id);
+        let count = self.put_slots(local, &svc.backends)?;
+        let cluster_count = self.put_slots(cluster, &svc.cluster_backends)?;
         let fe = Frontend {
             svc_id: svc.svc_id,
             count,
             flags: svc.flags,
             affinity_timeout_s: svc.affinity_timeout_s,
             lb_alg: nodeport_common::LB_ALG_RANDOM,
-            _pad: [0; 3],
+            _pad: 0,
+            cluster_count,
         };
         self.frontends
             .insert(&key, &fe, 0)
             .map_err(map_err(map_names::FRONTENDS))?;
-        for slot in u32::from(count) + 1..=old_count {
-            let key = SlotKey {
-                svc_id: svc.svc_id,
-                slot,
-            };
-            remove_if_present(self.slots.remove(&key)).map_err(map_err(map_names::SLOTS))?;
+        if let Some(old) = old {
+            self.remove_slots(local, count, old.count)?;
+            self.remove_slots(cluster, cluster_count, old.cluster_count)?;
         }
         Ok(())
+    }
+
+    /// Writes slots `1..=ids.len()` of `set`; returns their count.
+    fn put_slots(&mut self, set: SlotSet, ids: &[u32]) -> Result<u16, Error> {
+        let count = u16::try_from(ids.len()).map_err(|_| Error::Map {
+            name: map_names::SLOTS.to_owned(),
+            source: MapError::OutOfBounds {
+                index: ids.len() as u32,
+                max_entries: u32::from(u16::MAX),
+            },
+        })?;
+        for (i, id) in ids.iter().enumerate() {
+            self.slots
+                .insert(&set.slot(i as u32 + 1), &Slot { backend_id: *id }, 0)
+                .map_err(map_err(map_names::SLOTS))?;
+        }
+        Ok(count)
+    }
+
+    /// Removes slots `from + 1..=to` of `set`.
+    fn remove_slots(&mut self, set: SlotSet, from: u16, to: u16) -> Result<(), Error> {
+        for slot in u32::from(from) + 1..=u32::from(to) {
+            remove_if_present(self.slots.remove(&set.slot(slot)))
+                .map_err(map_err(map_names::SLOTS))?;
+        }
+        Ok(())
+    }
+
+    fn read_slots(&self, set: SlotSet, count: u16) -> Result<Vec<u32>, Error> {
+        (1..=u32::from(count))
+            .map(|slot| {
+                self.slots
+                    .get(&set.slot(slot), 0)
+                    .map(|s| s.backend_id)
+                    .map_err(map_err(map_names::SLOTS))
+            })
+            .collect()
     }
 
     /// Removes a service port: frontend first, so no packet reaches its slots, then the slots.
@@ -244,14 +287,8 @@ impl ServiceTables {
             return Ok(());
         };
         remove_if_present(self.frontends.remove(&key)).map_err(map_err(map_names::FRONTENDS))?;
-        for slot in 1..=u32::from(fe.count) {
-            let key = SlotKey {
-                svc_id: fe.svc_id,
-                slot,
-            };
-            remove_if_present(self.slots.remove(&key)).map_err(map_err(map_names::SLOTS))?;
-        }
-        Ok(())
+        self.remove_slots(SlotSet::local(fe.svc_id), 0, fe.count)?;
+        self.remove_slots(SlotSet::cluster(fe.svc_id), 0, fe.cluster_count)
     }
 
     /// Every service port with its slots, sorted by (nodePort, protocol).
@@ -259,22 +296,15 @@ impl ServiceTables {
         let mut out = Vec::new();
         for kv in self.frontends.iter() {
             let (k, fe) = kv.map_err(map_err(map_names::FRONTENDS))?;
-            let mut backends = Vec::with_capacity(usize::from(fe.count));
-            for slot in 1..=u32::from(fe.count) {
-                let key = SlotKey {
-                    svc_id: fe.svc_id,
-                    slot,
-                };
-                let s = self.slots.get(&key, 0).map_err(map_err(map_names::SLOTS))?;
-                backends.push(s.backend_id);
-            }
             out.push(ServiceEntry {
                 node_port: u16::from_be(k.port),
                 proto: k.proto,
                 svc_id: fe.svc_id,
                 flags: fe.flags,
                 affinity_timeout_s: fe.affinity_timeout_s,
-                backends,
+                backends: self.read_slots(SlotSet::local(fe.svc_id), fe.count)?,
+                cluster_backends: self
+                    .read_slots(SlotSet::cluster(fe.svc_id), fe.cluster_count)?,
             });
         }
         out.sort_by_key(|s| (s.node_port, s.proto));

@@ -35,6 +35,10 @@ const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
 const WEB: u16 = 30080;
 const DNS: u16 = 30053;
 const EMPTY: u16 = 30090;
+/// externalTrafficPolicy=Local, POD1 on this node and POD2 listed on another.
+const LOCAL: u16 = 30081;
+/// externalTrafficPolicy=Local, only POD2, listed on another node.
+const LOCAL_ELSEWHERE: u16 = 30082;
 const T: Duration = Duration::from_secs(2);
 
 fn manifests() -> String {
@@ -45,12 +49,23 @@ fn manifests() -> String {
                         "ports": [{"name": "p", "port": 80, "targetPort": target,
                                    "protocol": proto, "nodePort": node_port}]}})
     };
+    let etp_local = |mut svc: Value| {
+        svc["spec"]["externalTrafficPolicy"] = json!("Local");
+        svc
+    };
     let slice = |name: &str, proto: &str, port: u16, pods: &[Ipv4Addr]| {
+        // POD2 counts as another node's pod for the eTP=Local services (it is reachable from
+        // this node all the same, as another node's pods are).
         let endpoints: Vec<Value> = pods
             .iter()
             .map(|a| {
-                json!({"addresses": [a.to_string()], "nodeName": "node-a",
-                            "conditions": {"ready": true}})
+                let node = if name.starts_with("local") && *a == POD2 {
+                    "node-b"
+                } else {
+                    "node-a"
+                };
+                json!({"addresses": [a.to_string()], "nodeName": node,
+                       "conditions": {"ready": true}})
             })
             .collect();
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -69,6 +84,10 @@ fn manifests() -> String {
         slice("dns", "UDP", 8081, &[POD1, POD2]),
         svc("empty", "TCP", EMPTY, 8080),
         slice("empty", "TCP", 8080, &[]),
+        etp_local(svc("local", "TCP", LOCAL, 8080)),
+        slice("local", "TCP", 8080, &[POD1, POD2]),
+        etp_local(svc("local-elsewhere", "TCP", LOCAL_ELSEWHERE, 8080)),
+        slice("local-elsewhere", "TCP", 8080, &[POD2]),
     ]
     .iter()
     .map(|v| format!("---\n{}", serde_yaml_ng::to_string(v).unwrap()))
@@ -271,7 +290,7 @@ fn the_nodes_own_processes_and_pods_reach_its_node_ports() {
         "services in the maps",
         &agent,
         Duration::from_secs(30),
-        || pins.services().len() == 3,
+        || pins.services().len() == 5,
     );
     wait_for("socket programs attached", &agent, T * 5, || {
         agent.log().contains("np_sk_connect4 on cgroup")
@@ -280,6 +299,25 @@ fn the_nodes_own_processes_and_pods_reach_its_node_ports() {
     // Outside the cgroup nothing changes: the node's own connection is refused as before.
     let outside = net.node.run(|| tcp_exchange(WEB).err().map(|e| e.kind()));
     assert_eq!(outside, Some(ErrorKind::ConnectionRefused));
+    // From outside the node (the packet path), externalTrafficPolicy=Local means this node's
+    // endpoints only, and none here is a drop. (Checked before this process joins the cgroup:
+    // there, the socket programs would translate the client namespace's connections too.)
+    let from_client = net.client.run(|| {
+        let pods: BTreeSet<String> = (0..20)
+            .map(|_| {
+                tcp_exchange(LOCAL)
+                    .expect("client to the eTP=Local service")
+                    .pod
+            })
+            .collect();
+        (pods, tcp_exchange(LOCAL_ELSEWHERE).err().map(|e| e.kind()))
+    });
+    assert_eq!(from_client.0, BTreeSet::from([POD1.to_string()]));
+    assert_eq!(
+        from_client.1,
+        Some(ErrorKind::TimedOut),
+        "no local endpoint: dropped"
+    );
 
     cgroup.enter();
     let node = &net.node;
@@ -300,6 +338,23 @@ fn the_nodes_own_processes_and_pods_reach_its_node_ports() {
             ("sock_nat_insert_failed", 0)
         ]
     );
+
+    // The node's own clients of an externalTrafficPolicy=Local service reach every endpoint of
+    // the cluster, as kube-proxy routes them (its "short-circuit" to the cluster chain).
+    let own = node.run(|| {
+        let pods: BTreeSet<String> = (0..40)
+            .map(|_| {
+                tcp_exchange(LOCAL)
+                    .expect("node to the eTP=Local service")
+                    .pod
+            })
+            .collect();
+        let elsewhere = tcp_exchange(LOCAL_ELSEWHERE).expect("node to the one on another node");
+        (pods, elsewhere.pod)
+    });
+    let both: BTreeSet<String> = [POD1, POD2].iter().map(|p| p.to_string()).collect();
+    assert_eq!(own.0, both);
+    assert_eq!(own.1, POD2.to_string());
 
     // The programs are pinned: with the agent killed they keep serving; a new agent swaps them.
     drop(agent);

@@ -165,8 +165,17 @@ pub struct Frontend {
     pub affinity_timeout_s: u32,
     /// `LB_ALG_*`.
     pub lb_alg: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// externalTrafficPolicy=Local only: number of cluster slots (`SlotKey { svc_id:
+    /// svc_id | CLUSTER_SLOTS, slot: 1..=cluster_count }`), every ready endpoint of the cluster.
+    /// The node's own processes and pods are balanced over these (kube-proxy sends their traffic
+    /// to the cluster policy chain); traffic from outside uses the local slots. 0 otherwise.
+    pub cluster_count: u16,
 }
+
+/// `SlotKey::svc_id` bit of an externalTrafficPolicy=Local frontend's cluster slots (service ids
+/// stay below `capacity::SERVICES`, so the bit is free).
+pub const CLUSTER_SLOTS: u32 = 1 << 31;
 
 /// One backend slot of a service: slot `1..=Frontend::count` names a backend id.
 #[repr(C)]

@@ -21,7 +21,13 @@ fn map_types_have_fixed_layouts_without_padding() {
     layout!(NodeAddrKey, size 4, align 4, fields [u32]);
     layout!(NodeAddr, size 4, align 4, fields [u32]);
     layout!(FrontendKey, size 4, align 2, fields [u16, u8, u8]);
-    layout!(Frontend, size 16, align 4, fields [u32, u16, u16, u32, u8, [u8; 3]]);
+    layout!(Frontend, size 16, align 4, fields [u32, u16, u16, u32, u8, u8, u16]);
+    const {
+        assert!(
+            capacity::SERVICES <= CLUSTER_SLOTS,
+            "service ids must not reach CLUSTER_SLOTS"
+        )
+    };
     layout!(SlotKey, size 8, align 4, fields [u32, u32]);
     layout!(Slot, size 4, align 4, fields [u32]);
     layout!(BackendKey, size 4, align 4, fields [u32]);

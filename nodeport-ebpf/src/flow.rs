@@ -140,7 +140,7 @@ fn service(p: &Packet, fe: Frontend, cfg: &Config) -> Decision {
             let _ = REV_NAT.remove(&rkey);
         }
     }
-    let (backend_id, b) = match lb::select(&fe, p.saddr, now) {
+    let (backend_id, b) = match lb::select(&fe, p.saddr, now, false) {
         Ok(x) => x,
         Err(c) => return Decision::Drop(c),
     };

@@ -2,8 +2,8 @@
 //! `statistic --mode random` chain has the same distribution), or the client's previous backend
 //! under ClientIP session affinity while its entry is fresh.
 use nodeport_common::{
-    Affinity, AffinityKey, Backend, BackendKey, Counter, FRONTEND_AFFINITY, FRONTEND_ETP_LOCAL,
-    Frontend, SlotKey,
+    Affinity, AffinityKey, Backend, BackendKey, CLUSTER_SLOTS, Counter, FRONTEND_AFFINITY,
+    FRONTEND_ETP_LOCAL, Frontend, SlotKey,
 };
 
 use crate::{
@@ -16,11 +16,25 @@ pub fn backend(id: u32) -> Option<Backend> {
     unsafe { BACKENDS.get(&BackendKey { id }) }.copied()
 }
 
-/// Picks the backend of a new flow from `client_addr`. Returns its id and value.
+/// Picks the backend of a new flow from `client_addr`. Returns its id and value. `own_node`: the
+/// flow comes from this node's own processes or pods (the socket programs), which an
+/// externalTrafficPolicy=Local frontend balances over its cluster slots; the packet path passes a
+/// constant `false`, so this costs it nothing.
 #[inline(always)]
-pub fn select(fe: &Frontend, client_addr: u32, now: u64) -> Result<(u32, Backend), Counter> {
+pub fn select(
+    fe: &Frontend,
+    client_addr: u32,
+    now: u64,
+    own_node: bool,
+) -> Result<(u32, Backend), Counter> {
+    let (slots_of, count) =
+        if own_node && fe.flags & FRONTEND_ETP_LOCAL != 0 && fe.cluster_count != 0 {
+            (fe.svc_id | CLUSTER_SLOTS, fe.cluster_count)
+        } else {
+            (fe.svc_id, fe.count)
+        };
     // NonZero division compiles without a panic path (the verifier would reject one).
-    let Some(count) = core::num::NonZeroU32::new(u32::from(fe.count)) else {
+    let Some(count) = core::num::NonZeroU32::new(u32::from(count)) else {
         return Err(if fe.flags & FRONTEND_ETP_LOCAL != 0 {
             Counter::DropNoLocalBackend
         } else {
@@ -46,7 +60,7 @@ pub fn select(fe: &Frontend, client_addr: u32, now: u64) -> Result<(u32, Backend
     let slot = rnd % count + 1;
     let id = unsafe {
         SLOTS.get(&SlotKey {
-            svc_id: fe.svc_id,
+            svc_id: slots_of,
             slot,
         })
     }

@@ -99,7 +99,7 @@ pub fn forward(ctx: &SockAddrContext, sticky: bool) -> i32 {
             // and an unbound socket has none yet. Cookies are small counters, so the key cannot
             // meet a real client address (those are never in 0.0.0.0/8).
             let client = unsafe { aya_ebpf::helpers::bpf_get_netns_cookie(ctx.as_ptr()) } as u32;
-            match lb::select(fe, client, now_ns()) {
+            match lb::select(fe, client, now_ns(), true) {
                 Ok(x) => x,
                 Err(_) => {
                     count(SockCounter::NoBackend);

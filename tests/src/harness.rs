@@ -77,6 +77,7 @@ pub fn svc(node_port: u16, proto: u8, svc_id: u32, flags: u16, backends: Vec<u32
         flags,
         affinity_timeout_s,
         backends,
+        cluster_backends: Vec::new(),
     }
 }
 

@@ -501,6 +501,7 @@ impl Lab {
                 flags,
                 affinity_timeout_s: 0,
                 backends: ids.iter().map(|&id| backend_id(id, proto)).collect(),
+                cluster_backends: Vec::new(),
             })
             .expect("put_service");
         }
@@ -1080,6 +1081,7 @@ fn one_client_port_to_two_node_ports_of_one_local_pod_keeps_both_connections() {
             flags: 0,
             affinity_timeout_s: 0,
             backends: vec![backend_id(lab.pod(POD1).backend_id, IPPROTO_TCP)],
+            cluster_backends: Vec::new(),
         })
         .expect("put_service");
     let local = SocketAddrV4::new(CLIENT, CLIENT_PORT);

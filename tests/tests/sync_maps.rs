@@ -37,6 +37,7 @@ fn want(services: &[(u16, u8, u16, Vec<BackendEntry>)]) -> Want {
                         flags: *flags,
                         affinity_timeout_s: 0,
                         backends: backends.clone(),
+                        cluster_backends: Vec::new(),
                         draining: Vec::new(),
                     },
                 )

@@ -112,6 +112,11 @@ pub struct DesiredService {
     /// frontend still exists (kube-proxy drops eTP=Local traffic without local endpoints and
     /// rejects traffic to services without endpoints; it does not let it through to the host).
     pub backends: Vec<DesiredBackend>,
+    /// externalTrafficPolicy=Local only: the cluster set, sorted by address, which the node's own
+    /// processes and pods are balanced over (the socket programs): kube-proxy sends traffic from
+    /// pods on this node and from the node itself to the cluster policy chain ("short-circuit").
+    /// Empty for Cluster, whose `backends` are that set already.
+    pub cluster_backends: Vec<DesiredBackend>,
     /// Endpoints still listed for this port but not balanced over (terminating, not ready, or
     /// not chosen by the traffic policy), sorted by address. They get no slot, but their backend
     /// entries stay, so connections already tracked to them keep flowing until the endpoint
@@ -363,9 +368,10 @@ struct Claim {
 /// - Backends: [`endpoint_groups`] then [`categorize_endpoints`]; `externalTrafficPolicy: Local`
 ///   takes the local set, `Cluster` the cluster set. `internalTrafficPolicy` does not apply to
 ///   NodePort traffic (kube-proxy applies it to clusterIP traffic only), so it is not read.
-///   Differs from kube-proxy, by design of an XDP dataplane: kube-proxy sends eTP=Local traffic
-///   from pods on this node or from the node itself to the cluster endpoints ("short-circuit");
-///   the dataplane only sees traffic arriving from outside, which gets the local set.
+///   kube-proxy sends eTP=Local traffic from pods on this node or from the node itself to the
+///   cluster endpoints ("short-circuit"): that set is `cluster_backends`, which the socket
+///   programs use for the node's own processes and pods; traffic arriving from outside gets the
+///   local set.
 /// - Health checks: for each served LoadBalancer service with `externalTrafficPolicy: Local`
 ///   and a `healthCheckNodePort` (kube-proxy's `NeedsHealthCheck`: LoadBalancer only, which is
 ///   also the only type the apiserver allocates one for), the number of distinct IPs of local
@@ -463,22 +469,30 @@ pub fn desired(state: &ClusterState, cfg: &SemanticsConfig) -> Desired {
             })
             .map_or(&[][..], Vec::as_slice);
         let categorized = categorize_endpoints(endpoints);
-        let chosen = if winner.etp_local {
-            categorized.local
-        } else {
-            categorized.cluster
+        let sorted = |set: Vec<EndpointInfo>| {
+            let mut backends: Vec<DesiredBackend> = set
+                .into_iter()
+                .map(|e| DesiredBackend {
+                    addr: e.addr,
+                    local: e.local,
+                })
+                .collect();
+            backends.sort_by_key(|b| b.addr);
+            backends
         };
-        let mut backends: Vec<DesiredBackend> = chosen
-            .into_iter()
-            .map(|e| DesiredBackend {
-                addr: e.addr,
-                local: e.local,
-            })
-            .collect();
-        backends.sort_by_key(|b| b.addr);
+        let (backends, cluster_backends) = if winner.etp_local {
+            (sorted(categorized.local), sorted(categorized.cluster))
+        } else {
+            (sorted(categorized.cluster), Vec::new())
+        };
         let mut draining: Vec<DesiredBackend> = endpoints
             .iter()
-            .filter(|e| !backends.iter().any(|b| b.addr == e.addr))
+            .filter(|e| {
+                !backends
+                    .iter()
+                    .chain(&cluster_backends)
+                    .any(|b| b.addr == e.addr)
+            })
             .map(|e| DesiredBackend {
                 addr: e.addr,
                 local: e.local,
@@ -494,6 +508,7 @@ pub fn desired(state: &ClusterState, cfg: &SemanticsConfig) -> Desired {
                 etp_local: winner.etp_local,
                 affinity_timeout_s: winner.affinity_timeout_s,
                 backends,
+                cluster_backends,
                 draining,
             },
         );
@@ -1179,6 +1194,48 @@ mod tests {
         // Not balanced over, but kept for the connections they already have.
         let draining: Vec<String> = s.draining.iter().map(|b| b.addr.to_string()).collect();
         assert_eq!(draining, ["10.0.0.2:8080", "10.0.0.3:8080"]);
+    }
+
+    #[test]
+    fn etp_local_gives_the_nodes_own_clients_the_cluster_set() {
+        // kube-proxy: pod and node-local traffic to an eTP=Local nodePort goes to the cluster
+        // policy chain (every ready endpoint); outside traffic to the local ones only.
+        let slices = |name: &str| {
+            vec![http_slice(
+                "default",
+                &format!("{name}-1"),
+                name,
+                8080,
+                vec![
+                    ep("10.0.0.1", NODE, Some(true), Some(true), Some(false)),
+                    ep("10.0.0.2", OTHER, Some(true), Some(true), Some(false)),
+                    ep("10.0.0.3", OTHER, Some(false), Some(true), Some(true)),
+                ],
+            )]
+        };
+        let strings = |v: &[DesiredBackend]| -> Vec<String> {
+            v.iter().map(|b| b.addr.to_string()).collect()
+        };
+        let d = desired(
+            &state(vec![etp_local(web("default", "web", 30080))], slices("web")),
+            &cfg(),
+        );
+        let s = &d.services[&tcp(30080)];
+        assert_eq!(addrs(s), ["10.0.0.1:8080"]);
+        assert_eq!(
+            strings(&s.cluster_backends),
+            ["10.0.0.1:8080", "10.0.0.2:8080"]
+        );
+        assert!(s.cluster_backends[0].local && !s.cluster_backends[1].local);
+        assert_eq!(strings(&s.draining), ["10.0.0.3:8080"]);
+
+        let d = desired(
+            &state(vec![web("default", "web", 30080)], slices("web")),
+            &cfg(),
+        );
+        let s = &d.services[&tcp(30080)];
+        assert_eq!(addrs(s), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+        assert!(s.cluster_backends.is_empty(), "Cluster: backends are that set");
     }
 
     // ---- node addresses ----

@@ -30,6 +30,9 @@ pub struct WantService {
     pub affinity_timeout_s: u32,
     /// In slot order.
     pub backends: Vec<BackendEntry>,
+    /// externalTrafficPolicy=Local: every endpoint of the cluster, in slot order, for the node's
+    /// own processes and pods. Empty otherwise.
+    pub cluster_backends: Vec<BackendEntry>,
     /// Kept in the backend table without slots: tracked flows to them go on, new ones do not
     /// come (terminating endpoints).
     pub draining: Vec<BackendEntry>,
@@ -107,7 +110,7 @@ impl Syncer {
         let wanted_backends: BTreeSet<BackendId> = want
             .services
             .values()
-            .flat_map(|s| s.backends.iter().chain(&s.draining))
+            .flat_map(|s| s.backends.iter().chain(&s.cluster_backends).chain(&s.draining))
             .map(|b| (b.addr, b.proto))
             .collect();
         self.backend_ids.retain(&wanted_backends);
@@ -133,16 +136,21 @@ impl Syncer {
                     None => errors.push(format!("backend {}: no free backend id", b.addr)),
                 }
             }
-            let mut ids = Vec::with_capacity(svc.backends.len());
-            for b in &svc.backends {
-                match self.backend_ids.acquire(&(b.addr, b.proto)) {
-                    Some(id) => {
-                        out.backends.insert(id, *b);
-                        ids.push(id);
+            let mut slot_ids = |backends: &[BackendEntry]| {
+                let mut ids = Vec::with_capacity(backends.len());
+                for b in backends {
+                    match self.backend_ids.acquire(&(b.addr, b.proto)) {
+                        Some(id) => {
+                            out.backends.insert(id, *b);
+                            ids.push(id);
+                        }
+                        None => errors.push(format!("backend {}: no free backend id", b.addr)),
                     }
-                    None => errors.push(format!("backend {}: no free backend id", b.addr)),
                 }
-            }
+                ids
+            };
+            let backends = slot_ids(&svc.backends);
+            let cluster_backends = slot_ids(&svc.cluster_backends);
             out.services.insert(
                 *key,
                 ServiceEntry {
@@ -151,7 +159,8 @@ impl Syncer {
                     svc_id,
                     flags: svc.flags,
                     affinity_timeout_s: svc.affinity_timeout_s,
-                    backends: ids,
+                    backends,
+                    cluster_backends,
                 },
             );
         }

@@ -51,13 +51,25 @@ pub fn diff(current: &MapState, desired: &MapState) -> Vec<Op> {
         if old != Some(svc) {
             ops.push(Op::PutService(svc.clone()));
         }
+        // Affinity entries may name either slot set's backends (the socket programs balance an
+        // externalTrafficPolicy=Local service's own-node clients over its cluster set).
+        let keep: Vec<u32> = svc
+            .backends
+            .iter()
+            .chain(&svc.cluster_backends)
+            .copied()
+            .collect();
         if let Some(old) = old
             && svc.flags & FRONTEND_AFFINITY != 0
-            && old.backends.iter().any(|b| !svc.backends.contains(b))
+            && old
+                .backends
+                .iter()
+                .chain(&old.cluster_backends)
+                .any(|b| !keep.contains(b))
         {
             ops.push(Op::PurgeAffinity {
                 svc_id: svc.svc_id,
-                keep: svc.backends.clone(),
+                keep,
             });
         }
     }
@@ -103,6 +115,7 @@ mod tests {
             flags,
             affinity_timeout_s: 0,
             backends: backends.to_vec(),
+            cluster_backends: Vec::new(),
         }
     }
 
