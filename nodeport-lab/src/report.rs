@@ -1,11 +1,18 @@
-//! The lab's report: every node address on every nodePort, how N requests spread over the
-//! backends, the client address the pods saw, and the agents' decoded maps.
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, time::Duration};
+//! The lab's report: every node address on every nodePort (from the client, and from a process
+//! on that node itself), how N requests spread over the backends, the client address the pods
+//! saw, and the agents' decoded maps.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use k8s_openapi::api::core::v1::Service;
 
 use crate::{
     lab::{Answer, CLIENT_ADDR, Lab},
+    probe::Proto,
     sys,
 };
 
@@ -154,6 +161,29 @@ pub fn report(lab: &Lab, requests: usize) -> anyhow::Result<String> {
                             ""
                         },
                         e.root_cause()
+                    )?,
+                }
+            }
+            // Each node's own processes to its own address: no packet crosses eth0's ingress,
+            // the socket programs on the node's cgroup pick the backend at connect()/sendto().
+            let how = if proto == "UDP" {
+                Proto::Udp
+            } else {
+                Proto::Tcp
+            };
+            for n in &nodes {
+                let target = SocketAddrV4::new(n.addr, port);
+                match lab.exec_on_node(&n.name, target, how, TIMEOUT) {
+                    Ok(x) => writeln!(
+                        w,
+                        "  {:>12}:{port:<5} from a process on {} itself -> {} on {}; pod saw {} \
+                         (socket load balancing, no NAT)",
+                        n.addr, n.name, x.answer.pod, x.answer.node, x.answer.client
+                    )?,
+                    Err(e) => writeln!(
+                        w,
+                        "  {:>12}:{port:<5} from a process on {} itself -> {}",
+                        n.addr, n.name, e.failure
                     )?,
                 }
             }
