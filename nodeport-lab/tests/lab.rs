@@ -396,6 +396,24 @@ fn a_udp_service_answers_on_every_node() {
 fn down_after_a_crash_and_a_failed_up_leave_nothing_behind() {
     let t = lab_with(&web(2, "{app: web}", 30105, "", ""));
     let cfg = t.cfg.clone();
+    // A process only the pod's cgroup knows of (in no namespace of the lab), as a client started
+    // in the pod and left behind would be.
+    let pod = t.lab.pods()[0].clone();
+    let cgroup = cfg.pod_cgroup(&pod.node, &pod.name).unwrap();
+    let stray = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec sleep 600",
+            cgroup.display()
+        ))
+        .spawn()
+        .unwrap();
+    let stray_pid = stray.id() as i32;
+    let in_cgroup = std::time::Instant::now();
+    while !nodeport_lab::sys::cgroup_pids(&cgroup).contains(&stray_pid) {
+        assert!(in_cgroup.elapsed() < std::time::Duration::from_secs(5));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     // A crash: every process of the lab killed, and the state file lost.
     for ns in nodeport_lab::sys::netns_list()
         .into_iter()
@@ -407,9 +425,24 @@ fn down_after_a_crash_and_a_failed_up_leave_nothing_behind() {
         }
     }
     std::fs::remove_file(cfg.state_dir().join("state.json")).unwrap();
-    assert!(!leftovers(&cfg).is_empty());
+    let left = leftovers(&cfg);
+    assert!(
+        left.iter().any(|l| l
+            == &format!(
+                "process {stray_pid} in cgroup {}",
+                cfg.node_cgroup(&pod.node).unwrap().display()
+            )),
+        "{left:?}"
+    );
     down(&cfg).unwrap_or_else(|e| panic!("down after a crash: {e:#}"));
     assert_eq!(leftovers(&cfg), Vec::<String>::new());
+    // (`down` reaped it: this test is its parent.)
+    assert!(
+        !nodeport_lab::sys::alive(stray_pid),
+        "down left the stray process running"
+    );
+    drop(stray);
+    assert!(!cgroup.exists());
 
     // A failure midway (a Deployment the apiserver would refuse): cleaned up, and said.
     std::fs::write(
