@@ -6,7 +6,7 @@
 use std::{
     fmt,
     io::{ErrorKind, Read as _, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -24,15 +24,32 @@ pub enum Proto {
     /// connect(), send() and recv() (connect4, getpeername4); the only UDP socket that learns of
     /// an ICMP port unreachable, so the only one that can be refused.
     UdpConnected,
+    /// [`Proto::Tcp`] from an IPv6 socket to the IPv4-mapped address (`::ffff:a.b.c.d`), as
+    /// dual-stack clients (Java's default) connect: IPv4 on the wire, but the kernel runs the
+    /// cgroup's connect6/getpeername6 hooks, not connect4.
+    TcpV4Mapped,
+    /// [`Proto::Udp`] from an IPv6 socket to the IPv4-mapped address (sendmsg6, recvmsg6).
+    UdpV4Mapped,
 }
 
 impl Proto {
+    /// Every way, by its `nodeport-echo get` flag.
+    pub const ALL: [Proto; 5] = [
+        Proto::Tcp,
+        Proto::Udp,
+        Proto::UdpConnected,
+        Proto::TcpV4Mapped,
+        Proto::UdpV4Mapped,
+    ];
+
     /// The `nodeport-echo get` flag.
     pub fn flag(self) -> Option<&'static str> {
         match self {
             Proto::Tcp => None,
             Proto::Udp => Some("--udp"),
             Proto::UdpConnected => Some("--udp-connected"),
+            Proto::TcpV4Mapped => Some("--tcp-v4-mapped"),
+            Proto::UdpV4Mapped => Some("--udp-v4-mapped"),
         }
     }
 }
@@ -43,6 +60,8 @@ impl fmt::Display for Proto {
             Proto::Tcp => "TCP",
             Proto::Udp => "UDP",
             Proto::UdpConnected => "UDP (connected)",
+            Proto::TcpV4Mapped => "TCP (IPv6 socket, IPv4-mapped address)",
+            Proto::UdpV4Mapped => "UDP (IPv6 socket, IPv4-mapped address)",
         })
     }
 }
@@ -56,7 +75,8 @@ pub struct Exchange {
     /// recvfrom()'s source for an unconnected one. The address it asked for when the socket
     /// programs restore it.
     pub peer: SocketAddrV4,
-    /// The client socket's own address (0.0.0.0 for an unconnected UDP socket).
+    /// The client socket's own address (0.0.0.0 for an unconnected UDP socket; `::` reads as
+    /// 0.0.0.0 too).
     pub local: SocketAddrV4,
 }
 
@@ -114,21 +134,38 @@ pub fn exchange(
     proto: Proto,
     timeout: Duration,
 ) -> Result<Exchange, Failure> {
+    let mapped = SocketAddr::V6(SocketAddrV6::new(
+        target.ip().to_ipv6_mapped(),
+        target.port(),
+        0,
+        0,
+    ));
     match proto {
-        Proto::Tcp => tcp(target, timeout),
-        Proto::Udp | Proto::UdpConnected => udp(target, proto == Proto::UdpConnected, timeout),
+        Proto::Tcp => tcp(target.into(), timeout),
+        Proto::TcpV4Mapped => tcp(mapped, timeout),
+        Proto::Udp => udp(target.into(), false, timeout),
+        Proto::UdpConnected => udp(target.into(), true, timeout),
+        Proto::UdpV4Mapped => udp(mapped, false, timeout),
     }
 }
 
+/// An IPv4 address, or the IPv4 address an IPv4-mapped IPv6 one stands for (`::`, an unbound
+/// IPv6 socket's, reads as 0.0.0.0).
 fn v4(addr: SocketAddr) -> Result<SocketAddrV4, Failure> {
     match addr {
         SocketAddr::V4(a) => Ok(a),
-        SocketAddr::V6(a) => Err(Failure::Other(format!("an IPv6 address {a}"))),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            Ok(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, a.port()))
+        }
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(ip) => Ok(SocketAddrV4::new(ip, a.port())),
+            None => Err(Failure::Other(format!("an IPv6 address {a}"))),
+        },
     }
 }
 
-fn tcp(target: SocketAddrV4, timeout: Duration) -> Result<Exchange, Failure> {
-    let mut s = TcpStream::connect_timeout(&target.into(), timeout).map_err(|e| Failure::of(&e))?;
+fn tcp(target: SocketAddr, timeout: Duration) -> Result<Exchange, Failure> {
+    let mut s = TcpStream::connect_timeout(&target, timeout).map_err(|e| Failure::of(&e))?;
     let other = |what: &str, e: std::io::Error| Failure::Other(format!("{what}: {e}"));
     s.set_read_timeout(Some(timeout))
         .and_then(|()| s.set_write_timeout(Some(timeout)))
@@ -156,9 +193,14 @@ fn tcp(target: SocketAddrV4, timeout: Duration) -> Result<Exchange, Failure> {
     })
 }
 
-fn udp(target: SocketAddrV4, connected: bool, timeout: Duration) -> Result<Exchange, Failure> {
+fn udp(target: SocketAddr, connected: bool, timeout: Duration) -> Result<Exchange, Failure> {
     let other = |what: &str, e: std::io::Error| Failure::Other(format!("{what}: {e}"));
-    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| other("bind", e))?;
+    let any = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let s = UdpSocket::bind(any).map_err(|e| other("bind", e))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| other("socket options", e))?;
     let mut buf = [0u8; 2048];

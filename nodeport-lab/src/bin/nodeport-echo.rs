@@ -14,11 +14,12 @@
 //! [--ready-file PATH]`. It binds every port on 0.0.0.0 and then creates the ready file (the
 //! lab's readiness probe). std only: one thread per listener and per connection.
 //!
-//! Client mode, `nodeport-echo get ADDR:PORT [--udp | --udp-connected] [--timeout-ms N]`: one
-//! exchange with a server like this one (a GET on a new TCP connection, or one datagram); prints
-//! the answer and what the client's socket saw (`nodeport_lab::probe::Exchange`) as JSON. Exit
-//! code 2: refused, 3: timed out, 1: anything else (on stderr). The lab runs it inside a pod or
-//! on a node (`Lab::exec_in_pod`, `Lab::exec_on_node`).
+//! Client mode, `nodeport-echo get ADDR:PORT [--udp | --udp-connected | --tcp-v4-mapped |
+//! --udp-v4-mapped] [--timeout-ms N]`: one exchange with a server like this one (a GET on a new
+//! TCP connection, or one datagram; `nodeport_lab::probe::Proto` says how each flag makes its
+//! socket); prints the answer and what the client's socket saw (`nodeport_lab::probe::Exchange`)
+//! as JSON. Exit code 2: refused, 3: timed out, 1: anything else (on stderr). The lab runs it
+//! inside a pod or on a node (`Lab::exec_in_pod`, `Lab::exec_on_node`).
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
@@ -65,13 +66,18 @@ fn main() -> ExitCode {
 }
 
 fn get(args: &[String]) -> ExitCode {
-    let usage = "nodeport-echo get ADDR:PORT [--udp | --udp-connected] [--timeout-ms N]";
+    let usage = "nodeport-echo get ADDR:PORT [--udp | --udp-connected | --tcp-v4-mapped | \
+                 --udp-v4-mapped] [--timeout-ms N]";
     let (mut target, mut proto, mut timeout) = (None, Proto::Tcp, Duration::from_secs(2));
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "--udp" => proto = Proto::Udp,
-            "--udp-connected" => proto = Proto::UdpConnected,
+            flag if Proto::ALL.iter().any(|p| p.flag() == Some(flag)) => {
+                proto = *Proto::ALL
+                    .iter()
+                    .find(|p| p.flag() == Some(flag))
+                    .expect("just found");
+            }
             "--timeout-ms" => match it.next().and_then(|v| v.parse().ok()) {
                 Some(ms) => timeout = Duration::from_millis(ms),
                 None => {
@@ -132,7 +138,7 @@ fn serve(args: Vec<String>) -> Result<(), String> {
             "-h" | "--help" => {
                 println!(
                     "nodeport-echo --node NODE --pod POD --pod-ip IP [--tcp PORT]... [--udp PORT]... [--ready-file PATH]\n\
-                     nodeport-echo get ADDR:PORT [--udp | --udp-connected] [--timeout-ms N]"
+                     nodeport-echo get ADDR:PORT [--udp | --udp-connected | --tcp-v4-mapped | --udp-v4-mapped] [--timeout-ms N]"
                 );
                 return Ok(());
             }
