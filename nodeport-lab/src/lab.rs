@@ -257,9 +257,10 @@ pub fn up(cfg: Config) -> anyhow::Result<Lab> {
     })
 }
 
-/// Removes everything of the lab `cfg.prefix`: agents and pods (by pid file and by namespace),
-/// pins, namespaces (with their links), the state directory. Works without a state file (after a
-/// crash) and when nothing is there. Fails only if something is left, naming it.
+/// Removes everything of the lab `cfg.prefix`: agents and pods (by pid file, by namespace and by
+/// cgroup), pins, namespaces (with their links), the node cgroups, the state directory. Works
+/// without a state file (after a crash) and when nothing is there. Fails only if something is
+/// left, naming it.
 pub fn down(cfg: &Config) -> anyhow::Result<()> {
     // The agent binary: this call's, or the one the lab was started with.
     let state: Option<State> = std::fs::read(cfg.state_file())
@@ -343,8 +344,8 @@ pub fn down(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What of the lab `cfg.prefix` exists: namespaces, pin directories, processes, the state
-/// directory. Empty after a successful `down`.
+/// What of the lab `cfg.prefix` exists: namespaces, pin directories, cgroups, processes (in its
+/// namespaces or cgroups), the state directory. Empty after a successful `down`.
 pub fn leftovers(cfg: &Config) -> Vec<String> {
     let mut out = Vec::new();
     for ns in sys::netns_list().into_iter().filter(|n| cfg.owns(n)) {
