@@ -384,8 +384,8 @@ async fn service_check(State(state): State<CheckState>) -> Response {
 
 struct Running {
     service: Arc<RwLock<ServiceHealth>>,
-    shutdown: oneshot::Sender<()>,
-    task: JoinHandle<io::Result<()>>,
+    /// One server per bind address.
+    servers: Vec<(oneshot::Sender<()>, JoinHandle<io::Result<()>>)>,
 }
 
 /// How long a removed health check may take to finish its in-flight requests before its task is
@@ -396,7 +396,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Like kube-proxy, every path on such a port answers; a port that fails to bind is logged and
 /// retried on the next [`update`](Self::update). Dropping this closes every listener.
 pub struct HealthChecks {
-    bind_ip: IpAddr,
+    /// Where each port listens: `0.0.0.0`, or (kube-proxy with `--nodeport-addresses`) each of
+    /// the node's nodePort addresses.
+    bind_ips: Vec<IpAddr>,
     health: Arc<HealthState>,
     running: BTreeMap<u16, Running>,
 }
@@ -404,7 +406,7 @@ pub struct HealthChecks {
 impl std::fmt::Debug for HealthChecks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HealthChecks")
-            .field("bind_ip", &self.bind_ip)
+            .field("bind_ips", &self.bind_ips)
             .field("ports", &self.ports())
             .finish_non_exhaustive()
     }
@@ -414,9 +416,26 @@ impl HealthChecks {
     /// Listens on `bind_ip` (default `0.0.0.0`, as kube-proxy without `--nodeport-addresses`).
     pub fn new(bind_ip: Option<IpAddr>, health: Arc<HealthState>) -> Self {
         Self {
-            bind_ip: bind_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            bind_ips: vec![bind_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))],
             health,
             running: BTreeMap::new(),
+        }
+    }
+
+    /// Listens on exactly these addresses from now on (kube-proxy's health check server with
+    /// `--nodeport-addresses` listens on each matching node address, not on `0.0.0.0`). Open
+    /// ports are closed when the set changes and reopened by the next
+    /// [`update`](Self::update); with no address, no port listens.
+    pub async fn set_bind_ips(&mut self, mut ips: Vec<IpAddr>) {
+        ips.sort();
+        ips.dedup();
+        if ips == self.bind_ips {
+            return;
+        }
+        tracing::info!(addresses = ?ips, "health check ports move to these addresses");
+        self.bind_ips = ips;
+        for (_, running) in std::mem::take(&mut self.running) {
+            close(running).await;
         }
     }
 
@@ -470,21 +489,28 @@ impl HealthChecks {
                 }
                 continue;
             }
-            let addr = SocketAddr::new(self.bind_ip, port);
-            let listener = match TcpListener::bind(addr).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(
-                        %addr,
-                        service = %format!("{}/{}", service.namespace, service.name),
-                        error = %e,
-                        "failed to start health check; will retry on the next update"
-                    );
-                    continue;
+            let mut listeners = Vec::with_capacity(self.bind_ips.len());
+            for ip in &self.bind_ips {
+                let addr = SocketAddr::new(*ip, port);
+                match TcpListener::bind(addr).await {
+                    Ok(l) => listeners.push(l),
+                    Err(e) => {
+                        tracing::warn!(
+                            %addr,
+                            service = %format!("{}/{}", service.namespace, service.name),
+                            error = %e,
+                            "failed to start health check; will retry on the next update"
+                        );
+                        break;
+                    }
                 }
-            };
+            }
+            if listeners.len() != self.bind_ips.len() || listeners.is_empty() {
+                continue;
+            }
             tracing::info!(
-                %addr,
+                addresses = ?self.bind_ips,
+                port,
                 service = %format!("{}/{}", service.namespace, service.name),
                 "opening health check"
             );
@@ -495,33 +521,34 @@ impl HealthChecks {
                     service: service.clone(),
                     health: self.health.clone(),
                 });
-            let (shutdown, stop) = oneshot::channel::<()>();
-            let task = tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(async move {
-                        // A send or a dropped sender (HealthChecks dropped) both stop it.
-                        let _ = stop.await;
-                    })
-                    .await
-            });
-            self.running.insert(
-                port,
-                Running {
-                    service,
-                    shutdown,
-                    task,
-                },
-            );
+            let servers = listeners
+                .into_iter()
+                .map(|listener| {
+                    let (shutdown, stop) = oneshot::channel::<()>();
+                    let router = router.clone();
+                    let task = tokio::spawn(async move {
+                        axum::serve(listener, router)
+                            .with_graceful_shutdown(async move {
+                                // A send or a dropped sender (HealthChecks dropped) both stop it.
+                                let _ = stop.await;
+                            })
+                            .await
+                    });
+                    (shutdown, task)
+                })
+                .collect();
+            self.running.insert(port, Running { service, servers });
         }
     }
 }
 
 async fn close(running: Running) {
-    let Running { shutdown, task, .. } = running;
-    let _ = shutdown.send(());
-    let abort = task.abort_handle();
-    if tokio::time::timeout(CLOSE_GRACE, task).await.is_err() {
-        abort.abort();
+    for (shutdown, task) in running.servers {
+        let _ = shutdown.send(());
+        let abort = task.abort_handle();
+        if tokio::time::timeout(CLOSE_GRACE, task).await.is_err() {
+            abort.abort();
+        }
     }
 }
 

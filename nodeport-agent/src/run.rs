@@ -9,7 +9,7 @@
 //! next agent adopts the maps (ids and conntrack included) instead of starting over.
 use std::{
     collections::BTreeSet,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
     path::PathBuf,
     sync::Arc,
@@ -300,6 +300,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 )
             })
             .collect();
+        if !cfg.nodeport_cidrs.is_empty() {
+            // kube-proxy: with --nodeport-addresses, health check ports listen on the node's
+            // matching addresses only (the set nodePorts are served on).
+            let ips = want_state
+                .node_addrs
+                .iter()
+                .map(|a| IpAddr::V4(*a))
+                .collect();
+            health_checks.set_bind_ips(ips).await;
+        }
         health_checks.update(&checks).await;
         if let Ok(mut names) = names.write() {
             *names = syncer

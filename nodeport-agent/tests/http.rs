@@ -354,6 +354,49 @@ async fn service_health_check_200_with_local_endpoints_503_without() {
 }
 
 #[tokio::test]
+async fn service_health_checks_listen_on_exactly_the_bind_addresses() {
+    // kube-proxy with --nodeport-addresses: each matching node address, never 0.0.0.0. Every
+    // 127.0.0.0/8 address is local (lo), so three of them stand for a node's addresses.
+    let ip = |last| IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
+    let health = HealthState::new(Duration::from_secs(30));
+    let mut checks = HealthChecks::new(None, health);
+    checks.set_bind_ips(vec![ip(3), ip(2)]).await;
+    let port = free_port();
+    checks.update(&[check(port, "default", "lb", 1)]).await;
+    assert_eq!(checks.ports(), [port]);
+    let answers = |addrs: Vec<IpAddr>| async move {
+        let mut out = Vec::new();
+        for a in addrs {
+            out.push(
+                get(SocketAddr::new(a, port), "/")
+                    .await
+                    .map(|r| r.status)
+                    .ok(),
+            );
+        }
+        out
+    };
+    assert_eq!(
+        answers(vec![ip(1), ip(2), ip(3)]).await,
+        [None, Some(200), Some(200)],
+        "127.0.0.1 is not a bind address"
+    );
+    // The node's addresses change: the port moves with them at the next update.
+    checks.set_bind_ips(vec![ip(3)]).await;
+    assert!(checks.ports().is_empty(), "closed until the next update");
+    checks.update(&[check(port, "default", "lb", 1)]).await;
+    assert_eq!(
+        answers(vec![ip(1), ip(2), ip(3)]).await,
+        [None, None, Some(200)]
+    );
+    // No address at all (none inside --nodeport-addresses): nothing listens.
+    checks.set_bind_ips(Vec::new()).await;
+    checks.update(&[check(port, "default", "lb", 1)]).await;
+    assert!(checks.ports().is_empty());
+    assert_eq!(answers(vec![ip(3)]).await, [None]);
+}
+
+#[tokio::test]
 async fn service_health_check_503_when_the_proxy_is_unhealthy() {
     let clock = TestClock::new();
     let health = clock.state(Duration::from_secs(1));
