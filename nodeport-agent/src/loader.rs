@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Every program in the object, in load order.
-pub const PROGRAMS: [&str; 7] = [
+pub const PROGRAMS: [&str; 11] = [
     program_names::XDP_INGRESS,
     program_names::TC_INGRESS,
     program_names::TC_EGRESS,
@@ -23,6 +23,10 @@ pub const PROGRAMS: [&str; 7] = [
     program_names::SOCK_SENDMSG,
     program_names::SOCK_RECVMSG,
     program_names::SOCK_GETPEERNAME,
+    program_names::SOCK_CONNECT6,
+    program_names::SOCK_SENDMSG6,
+    program_names::SOCK_RECVMSG6,
+    program_names::SOCK_GETPEERNAME6,
 ];
 
 /// The eBPF object built by build.rs (aya-build) from `nodeport-ebpf`, embedded so the agent is a

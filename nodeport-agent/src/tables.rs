@@ -48,7 +48,10 @@ impl SlotSet {
     }
 
     fn slot(self, slot: u32) -> SlotKey {
-        SlotKey { svc_id: self.0, slot }
+        SlotKey {
+            svc_id: self.0,
+            slot,
+        }
     }
 }
 
@@ -303,8 +306,7 @@ impl ServiceTables {
                 flags: fe.flags,
                 affinity_timeout_s: fe.affinity_timeout_s,
                 backends: self.read_slots(SlotSet::local(fe.svc_id), fe.count)?,
-                cluster_backends: self
-                    .read_slots(SlotSet::cluster(fe.svc_id), fe.cluster_count)?,
+                cluster_backends: self.read_slots(SlotSet::cluster(fe.svc_id), fe.cluster_count)?,
             });
         }
         out.sort_by_key(|s| (s.node_port, s.proto));

@@ -253,7 +253,11 @@ fn agent_loads_attaches_and_pins_with_exactly_the_required_capabilities() {
         .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(cgroup_links.len(), 4, "{cgroup_links:?}");
+    assert_eq!(
+        cgroup_links.len(),
+        nodeport_common::program_names::SOCK.len(),
+        "{cgroup_links:?}"
+    );
     for map in ["np_config", "np_front4", "np_ct4", "np_stats"] {
         assert!(dir.join(map).exists(), "{map} not pinned");
     }

@@ -257,6 +257,26 @@ fn check_served(who: &str, run: &dyn Fn(Box<dyn FnOnce() -> String + Send>) -> S
             "{answer}"
         );
 
+        // Dual-stack clients: an IPv6 socket naming the node as ::ffff:<address> (the …6 hooks
+        // for TCP and recvfrom; the kernel hands a v4-mapped sendto to the sendmsg4 hook).
+        let mapped = |port| SocketAddr::from((NODE.to_ipv6_mapped(), port));
+        let s6 = TcpStream::connect_timeout(&mapped(WEB), T).expect("TCP6 to the mapped address");
+        assert_eq!(s6.peer_addr().unwrap(), mapped(WEB), "getpeername on IPv6");
+        s6.set_read_timeout(Some(T)).unwrap();
+        (&s6).write_all(b"hi\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s6).read_line(&mut line).unwrap();
+        assert!(
+            want.iter().any(|p| line.starts_with(&format!("{p} "))),
+            "{line}"
+        );
+        let u6 = UdpSocket::bind("[::]:0").expect("an IPv6 UDP socket");
+        u6.set_read_timeout(Some(T)).unwrap();
+        u6.send_to(b"q", mapped(DNS)).unwrap();
+        let mut buf = [0u8; 512];
+        let (_, from) = u6.recv_from(&mut buf).expect("UDP6 answer");
+        assert_eq!(from, mapped(DNS), "recvfrom on IPv6 names the nodePort");
+
         let refused = tcp_exchange(EMPTY).err().map(|e| e.kind());
         assert_eq!(refused, Some(ErrorKind::ConnectionRefused), "no endpoints");
         let refused = tcp_exchange(30999).err().map(|e| e.kind());
@@ -324,17 +344,17 @@ fn the_nodes_own_processes_and_pods_reach_its_node_ports() {
     check_served("the node itself", &|f| node.run(f));
     let pod2 = &net.pods[1];
     check_served("a pod on the node", &|f| pod2.run(f));
-    // Per check: 40 TCP connects, 90 UDP sendto()s and a UDP connect translated; 40
-    // getpeername()s, 90 recvfrom()s and a getpeername() restored; one connect to the service
-    // without endpoints.
+    // Per check: 40 TCP connects, 90 UDP sendto()s, a UDP connect and the two IPv6 calls
+    // translated; 40 getpeername()s, 90 recvfrom()s, a getpeername() and the two IPv6 calls
+    // restored; one connect to the service without endpoints.
     let counted = SockCounter::ALL.map(|c| (c.name(), sock(&pins, c)));
     println!("socket counters: {counted:?}");
     assert_eq!(
         counted,
         [
-            ("sock_translated", 2 * 131),
+            ("sock_translated", 2 * 133),
             ("sock_no_backend", 2),
-            ("sock_restored", 2 * 131),
+            ("sock_restored", 2 * 133),
             ("sock_nat_insert_failed", 0)
         ]
     );

@@ -70,8 +70,24 @@ pub mod program_names {
     pub const SOCK_RECVMSG: &str = "np_sk_recvmsg4";
     /// cgroup/getpeername4: a socket connected to a backend names the node address:nodePort.
     pub const SOCK_GETPEERNAME: &str = "np_sk_getpeer4";
-    /// The socket programs, in the order the agent attaches them.
-    pub const SOCK: [&str; 4] = [SOCK_GETPEERNAME, SOCK_RECVMSG, SOCK_SENDMSG, SOCK_CONNECT];
+    /// The same four for IPv6 sockets naming a v4-mapped address (`::ffff:a.b.c.d`), which
+    /// dual-stack clients use for IPv4 destinations.
+    pub const SOCK_CONNECT6: &str = "np_sk_connect6";
+    pub const SOCK_SENDMSG6: &str = "np_sk_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "np_sk_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "np_sk_getpeer6";
+    /// The socket programs, in the order the agent attaches them: the reverse hooks first, so a
+    /// translated connect always finds its getpeername/recvmsg counterpart attached.
+    pub const SOCK: [&str; 8] = [
+        SOCK_GETPEERNAME,
+        SOCK_RECVMSG,
+        SOCK_GETPEERNAME6,
+        SOCK_RECVMSG6,
+        SOCK_SENDMSG,
+        SOCK_CONNECT,
+        SOCK_SENDMSG6,
+        SOCK_CONNECT6,
+    ];
 }
 
 /// Capacities. Sized for 10,000 services with a few ports and endpoints each; see

@@ -50,26 +50,47 @@ pub fn np_tc_egress(ctx: TcContext) -> i32 {
 /// Socket load balancing: connect() to a node address at a nodePort reaches a backend.
 #[cgroup_sock_addr(connect4)]
 pub fn np_sk_connect4(ctx: SockAddrContext) -> i32 {
-    sock::forward(&ctx, false)
+    sock::forward(&ctx, sock::Family::V4, false)
 }
 
 /// Socket load balancing: each datagram an unconnected UDP socket sends to a node address at a
 /// nodePort goes to the socket's backend for it.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn np_sk_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::forward(&ctx, true)
+    sock::forward(&ctx, sock::Family::V4, true)
 }
 
 /// Socket load balancing: a datagram from the backend reads as from the node address:nodePort.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn np_sk_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx)
+    sock::reverse(&ctx, sock::Family::V4)
 }
 
 /// Socket load balancing: the peer of a socket connected through a nodePort is the nodePort.
 #[cgroup_sock_addr(getpeername4)]
 pub fn np_sk_getpeer4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx)
+    sock::reverse(&ctx, sock::Family::V4)
+}
+
+/// The same four for IPv6 sockets naming a v4-mapped address (`::ffff:<node address>`).
+#[cgroup_sock_addr(connect6)]
+pub fn np_sk_connect6(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, sock::Family::V4Mapped, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn np_sk_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, sock::Family::V4Mapped, true)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn np_sk_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, sock::Family::V4Mapped)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn np_sk_getpeer6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, sock::Family::V4Mapped)
 }
 
 #[cfg(not(test))]

@@ -8,6 +8,11 @@
 //!
 //! Every hook returns 1 (carry on): a socket this code does not translate proceeds untouched,
 //! so a nodePort with no backend is refused by the node's own stack, as before.
+//!
+//! IPv6 sockets reach IPv4 addresses as `::ffff:a.b.c.d` (dual-stack clients: Java, Go with
+//! `tcp6` listeners' peers, anything that opens AF_INET6 and connects to a mapped address); their
+//! calls come through the `…6` hooks, which translate the embedded IPv4 address the same way, as
+//! Cilium's sock6 hooks do. Real IPv6 destinations are left alone (this dataplane is IPv4).
 use aya_ebpf::{EbpfContext as _, bindings::bpf_sock_addr, programs::SockAddrContext};
 use nodeport_common::{
     FrontendKey, IPPROTO_TCP, IPPROTO_UDP, NodeAddrKey, SOCK_FORWARD, SOCK_REVERSE, SockCounter,
@@ -41,6 +46,48 @@ fn protocol(sa: *const bpf_sock_addr) -> Option<u8> {
     }
 }
 
+/// Which address field of `bpf_sock_addr` a hook uses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `user_ip4`: connect4, sendmsg4, recvmsg4, getpeername4.
+    V4,
+    /// The IPv4 address inside a v4-mapped `user_ip6`: the `…6` hooks.
+    V4Mapped,
+}
+
+/// Word 2 of `::ffff:0:0` as the kernel stores it (network byte order, read natively).
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The IPv4 address a call names (network byte order), if it names one.
+#[inline(always)]
+fn addr(sa: *mut bpf_sock_addr, family: Family) -> Option<u32> {
+    // The verifier allows 4-byte accesses to these fields; volatile keeps them so.
+    unsafe {
+        match family {
+            Family::V4 => Some(core::ptr::read_volatile(&(*sa).user_ip4)),
+            Family::V4Mapped => {
+                let w0 = core::ptr::read_volatile(&(*sa).user_ip6[0]);
+                let w1 = core::ptr::read_volatile(&(*sa).user_ip6[1]);
+                let w2 = core::ptr::read_volatile(&(*sa).user_ip6[2]);
+                (w0 == 0 && w1 == 0 && w2 == V4_MAPPED_WORD)
+                    .then(|| core::ptr::read_volatile(&(*sa).user_ip6[3]))
+            }
+        }
+    }
+}
+
+/// Rewrites the address and port a call names (the address stays v4-mapped on an IPv6 socket).
+#[inline(always)]
+fn set_addr(sa: *mut bpf_sock_addr, family: Family, addr: u32, port: u16) {
+    unsafe {
+        match family {
+            Family::V4 => core::ptr::write_volatile(&mut (*sa).user_ip4, addr),
+            Family::V4Mapped => core::ptr::write_volatile(&mut (*sa).user_ip6[3], addr),
+        }
+        core::ptr::write_volatile(&mut (*sa).user_port, u32::from(port));
+    }
+}
+
 /// `user_port` holds the big-endian port in its low 16 bits; the verifier wants the whole u32
 /// read (Cilium's ctx_dst_port reads it through a volatile for the same reason).
 #[inline(always)]
@@ -53,12 +100,14 @@ fn user_port(sa: *const bpf_sock_addr) -> u16 {
 /// datagram of an unconnected UDP socket comes through here; a conntrack'd UDP flow would keep
 /// its backend too).
 #[inline(always)]
-pub fn forward(ctx: &SockAddrContext, sticky: bool) -> i32 {
+pub fn forward(ctx: &SockAddrContext, family: Family, sticky: bool) -> i32 {
     let sa = ctx.sock_addr;
     let Some(proto) = protocol(sa) else {
         return ALLOW;
     };
-    let daddr = unsafe { (*sa).user_ip4 };
+    let Some(daddr) = addr(sa, family) else {
+        return ALLOW;
+    };
     if unsafe { NODE_ADDRS.get(&NodeAddrKey { addr: daddr }) }.is_none() {
         return ALLOW;
     }
@@ -108,10 +157,7 @@ pub fn forward(ctx: &SockAddrContext, sticky: bool) -> i32 {
             }
         }
     };
-    unsafe {
-        (*sa).user_ip4 = b.addr;
-        (*sa).user_port = u32::from(b.port);
-    }
+    set_addr(sa, family, b.addr, b.port);
     count(SockCounter::Translated);
     let rev_key = SockNatKey {
         cookie,
@@ -145,23 +191,23 @@ pub fn forward(ctx: &SockAddrContext, sticky: bool) -> i32 {
 /// recvmsg4 and getpeername4: a backend this socket was sent to reads as the node
 /// address:nodePort the application asked for.
 #[inline(always)]
-pub fn reverse(ctx: &SockAddrContext) -> i32 {
+pub fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
     let sa = ctx.sock_addr;
     let Some(proto) = protocol(sa) else {
         return ALLOW;
     };
+    let Some(from) = addr(sa, family) else {
+        return ALLOW;
+    };
     let key = SockNatKey {
         cookie: unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(ctx.as_ptr()) },
-        addr: unsafe { (*sa).user_ip4 },
+        addr: from,
         port: user_port(sa),
         dir: SOCK_REVERSE,
         proto,
     };
     if let Some(orig) = unsafe { SOCK_NAT.get(&key) } {
-        unsafe {
-            (*sa).user_ip4 = orig.addr;
-            (*sa).user_port = u32::from(orig.port);
-        }
+        set_addr(sa, family, orig.addr, orig.port);
         count(SockCounter::Restored);
     }
     ALLOW

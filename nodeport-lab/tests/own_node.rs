@@ -31,7 +31,9 @@ use support::{ECHO, TestLab, agent_binary, require_root, sweep_stale};
 const PREFIX: &str = "npon";
 const T: Duration = Duration::from_secs(2);
 const NODE_PORT: u16 = 30040;
-const PROTOS: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::UdpConnected];
+/// Every way a client asks: TCP, UDP (unconnected and connected), and both from an IPv6 socket
+/// to the IPv4-mapped address (dual-stack clients).
+const PROTOS: [Proto; 5] = Proto::ALL;
 
 /// Seed 003: `echo` (TCP and UDP 8080, nodePort 30040) pinned to the worker, `dnsutils` beside
 /// it, and a second client pod on worker2.
@@ -296,7 +298,11 @@ impl TestLab {
 fn assert_served(x: &Exchange, echo: &Pod, asked: Ipv4Addr, proto: Proto) {
     assert_eq!(x.answer.pod, echo.name, "{x:?}");
     assert_eq!(x.answer.port, 8080, "{x:?}");
-    let wire = if proto == Proto::Tcp { "TCP" } else { "UDP" };
+    let wire = if matches!(proto, Proto::Tcp | Proto::TcpV4Mapped) {
+        "TCP"
+    } else {
+        "UDP"
+    };
     assert_eq!(x.answer.proto, wire, "{x:?}");
     assert_eq!(
         x.peer,
@@ -347,13 +353,19 @@ fn a_pod_reaches_the_service_on_every_node_address_its_own_included() {
         assert_eq!(x.answer.client, c.other.ip.to_string(), "{proto}: {x:?}");
     }
 
-    // One translation per connect() (TCP, connected UDP) and per sendto(): three on each node,
+    // One translation per connect() (TCP, connected UDP) and per sendto(): one per way on each node,
     // counted by the socket programs of the client's own node only. The worker's packet path
     // translated nothing: dnsutils' packets to the other nodes leave through eth0's egress, and
     // their replies come back for dnsutils itself (reverse-translated by the node that served
     // them), never for a worker nodePort.
-    assert_eq!(t.sock(&c.worker, "sock_translated") - sock_before, 3);
-    assert_eq!(t.sock(&c.worker2, "sock_translated") - sock2_before, 3);
+    assert_eq!(
+        t.sock(&c.worker, "sock_translated") - sock_before,
+        PROTOS.len() as u64
+    );
+    assert_eq!(
+        t.sock(&c.worker2, "sock_translated") - sock2_before,
+        PROTOS.len() as u64
+    );
     assert_eq!(t.packet_path(&c.worker), packets_before);
     assert_eq!(t.sock(&c.worker, "sock_no_backend"), 0);
 }
@@ -374,7 +386,10 @@ fn a_process_on_the_node_reaches_its_own_address_and_the_client_namespace_keeps_
         assert_served(&x, &c.echo, c.w_addr, proto);
         assert_eq!(x.answer.client, gateway.to_string(), "{proto}: {x:?}");
     }
-    assert_eq!(t.sock(&c.worker, "sock_translated") - sock_before, 3);
+    assert_eq!(
+        t.sock(&c.worker, "sock_translated") - sock_before,
+        PROTOS.len() as u64
+    );
     assert_eq!(t.packet_path(&c.worker), packets_before);
 
     // A process on worker2 to worker2's address: the backend is on the worker, reached via
@@ -431,8 +446,9 @@ fn restarted_agents_keep_serving_pods_on_their_own_node() {
         progs.sort();
         progs
     };
-    let four = attached();
-    assert_eq!(four.len(), 4, "the worker's cgroup: {four:?}");
+    // connect, sendmsg, recvmsg and getpeername, for IPv4 and IPv6 sockets.
+    let programs = attached();
+    assert_eq!(programs.len(), 8, "the worker's cgroup: {programs:?}");
     let check = |when: &str| {
         for proto in PROTOS {
             let x = t
@@ -482,7 +498,11 @@ fn restarted_agents_keep_serving_pods_on_their_own_node() {
     restart("the first restart");
     check("after the first restart");
     // Swapped in place, not attached twice.
-    assert_eq!(attached(), four, "the worker's cgroup after the restart");
+    assert_eq!(
+        attached(),
+        programs,
+        "the worker's cgroup after the restart"
+    );
 
     // Restarts under a pod's stream of new connections: none fails.
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -508,14 +528,14 @@ fn restarted_agents_keep_serving_pods_on_their_own_node() {
     eprintln!("{done} connections through 3 restarts of the worker's agent");
     assert_eq!(failures, Vec::<String>::new());
     assert!(done > 3, "{done} exchanges");
-    assert_eq!(attached(), four);
+    assert_eq!(attached(), programs);
 
     // `up` on a running lab restarts a dead agent the same way.
     sys::stop(t.lab.agent_pid(&c.worker).unwrap(), Duration::from_secs(10));
     let lab = nodeport_lab::up(t.cfg.clone()).unwrap();
     assert!(lab.agent_pid(&c.worker).is_some());
     check("after `up` restarted it");
-    assert_eq!(attached(), four);
+    assert_eq!(attached(), programs);
 }
 
 #[test]

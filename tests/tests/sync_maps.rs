@@ -113,3 +113,47 @@ fn sync_writes_adoption_keeps_ids_and_changes_are_minimal() {
     drop(_dp);
     let _ = nodeport_agent::unload(pins.layout(), false);
 }
+
+#[test]
+fn replacing_every_service_at_once_keeps_the_new_services_slots() {
+    // The lab found this: the new services take the ids the old ones free in the same sync, and
+    // removing an old frontend deletes the slots of its id.
+    let pins = TestPins::new();
+    let _dp = Dataplane::load(pins.layout()).expect("load");
+    let open = || ServiceTables::open(&pins.layout().dir()).expect("open maps");
+    let mut s = Syncer::adopt(open()).unwrap();
+    let four = |port| {
+        (1..=4)
+            .map(|i| be(10 + i, port, IPPROTO_TCP, false))
+            .collect()
+    };
+    let r = s.sync(&want(&[
+        (30080, IPPROTO_TCP, 0, four(8080)),
+        (30081, IPPROTO_TCP, 0, four(8081)),
+    ]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let replaced = want(&[
+        (30090, IPPROTO_TCP, 0, four(9090)),
+        (30091, IPPROTO_TCP, 0, four(9091)),
+    ]);
+    let r = s.sync(&replaced);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let maps = read_maps(&open()).expect("every frontend's slots are readable");
+    assert_eq!(
+        maps.services.keys().copied().collect::<Vec<_>>(),
+        [(30090, IPPROTO_TCP), (30091, IPPROTO_TCP)]
+    );
+    for svc in maps.services.values() {
+        let ports: BTreeSet<u16> = svc
+            .backends
+            .iter()
+            .map(|id| maps.backends[id].addr.port())
+            .collect();
+        assert_eq!(svc.backends.len(), 4, "{svc:?}");
+        assert_eq!(ports.len(), 1, "{svc:?}");
+    }
+    // What was written is what a restarted agent reads back: nothing to repair.
+    let mut restarted = Syncer::adopt(open()).unwrap();
+    let r = restarted.resync(&replaced);
+    assert_eq!((r.writes, r.errors.len()), (0, 0), "{:?}", r.errors);
+}

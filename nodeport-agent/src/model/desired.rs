@@ -1235,7 +1235,10 @@ mod tests {
         );
         let s = &d.services[&tcp(30080)];
         assert_eq!(addrs(s), ["10.0.0.1:8080", "10.0.0.2:8080"]);
-        assert!(s.cluster_backends.is_empty(), "Cluster: backends are that set");
+        assert!(
+            s.cluster_backends.is_empty(),
+            "Cluster: backends are that set"
+        );
     }
 
     // ---- node addresses ----

@@ -110,7 +110,12 @@ impl Syncer {
         let wanted_backends: BTreeSet<BackendId> = want
             .services
             .values()
-            .flat_map(|s| s.backends.iter().chain(&s.cluster_backends).chain(&s.draining))
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .chain(&s.cluster_backends)
+                    .chain(&s.draining)
+            })
             .map(|b| (b.addr, b.proto))
             .collect();
         self.backend_ids.retain(&wanted_backends);

@@ -1,8 +1,11 @@
 //! The map state as plain data, and the ordered writes that turn one state into another.
 //!
 //! Order (a packet reads frontend -> slot -> backend; see `tables`): new and changed backends
-//! first, then services (each written slots-before-count by `ServiceTables::put_service`), then
-//! stale affinity, removed services, removed backends, and the node address set last.
+//! first, then removed services, then new and changed services (each written slots-before-count
+//! by `ServiceTables::put_service`), then stale affinity, removed backends, and the node address
+//! set last. Removed services go before the others because a service id freed in this sync may
+//! be given to a new service at once: removing the old frontend deletes the slots of its id, which
+//! by then must not already hold the new service's.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -46,9 +49,14 @@ pub fn diff(current: &MapState, desired: &MapState) -> Vec<Op> {
             ops.push(Op::PutBackend(*id, *b));
         }
     }
+    for key in current.services.keys() {
+        if !desired.services.contains_key(key) {
+            ops.push(Op::RemoveService(*key));
+        }
+    }
     for (key, svc) in &desired.services {
-        let old = current.services.get(key);
-        if old != Some(svc) {
+        let old = current.services.get(key).filter(|o| o.svc_id == svc.svc_id);
+        if current.services.get(key) != Some(svc) {
             ops.push(Op::PutService(svc.clone()));
         }
         // Affinity entries may name either slot set's backends (the socket programs balance an
@@ -59,23 +67,21 @@ pub fn diff(current: &MapState, desired: &MapState) -> Vec<Op> {
             .chain(&svc.cluster_backends)
             .copied()
             .collect();
-        if let Some(old) = old
-            && svc.flags & FRONTEND_AFFINITY != 0
-            && old
+        // Purge when backends left; and for a service new to its id, whose id may have served
+        // another service with affinity entries of its own until this sync.
+        let stale = match old {
+            Some(old) => old
                 .backends
                 .iter()
                 .chain(&old.cluster_backends)
-                .any(|b| !keep.contains(b))
-        {
+                .any(|b| !keep.contains(b)),
+            None => true,
+        };
+        if svc.flags & FRONTEND_AFFINITY != 0 && stale {
             ops.push(Op::PurgeAffinity {
                 svc_id: svc.svc_id,
                 keep,
             });
-        }
-    }
-    for key in current.services.keys() {
-        if !desired.services.contains_key(key) {
-            ops.push(Op::RemoveService(*key));
         }
     }
     for id in current.backends.keys() {
@@ -159,8 +165,8 @@ mod tests {
             diff(&current, &desired),
             [
                 Op::PutBackend(3, backend(12, false)),
-                Op::PutService(service(30080, 1, 0, &[1, 3])),
                 Op::RemoveService((30090, IPPROTO_TCP)),
+                Op::PutService(service(30080, 1, 0, &[1, 3])),
                 Op::RemoveBackend(2),
                 Op::SetNodeAddrs(vec![Ipv4Addr::new(198, 18, 0, 2)]),
             ]
@@ -193,6 +199,37 @@ mod tests {
             svc_id: 1,
             keep: vec![1]
         }));
+    }
+
+    #[test]
+    fn a_removed_service_goes_before_a_new_one_that_takes_its_id() {
+        // Every service replaced at once: the new one gets the freed id 1. Removing the old
+        // frontend deletes the slots of id 1, so it must happen before the new slots are written.
+        let current = state(
+            &[(1, 10), (2, 11)],
+            &[service(30080, 1, FRONTEND_AFFINITY, &[1, 2])],
+            &[],
+        );
+        let desired = state(
+            &[(3, 12)],
+            &[service(30081, 1, FRONTEND_AFFINITY, &[3])],
+            &[],
+        );
+        assert_eq!(
+            diff(&current, &desired),
+            [
+                Op::PutBackend(3, backend(12, false)),
+                Op::RemoveService((30080, IPPROTO_TCP)),
+                Op::PutService(service(30081, 1, FRONTEND_AFFINITY, &[3])),
+                // Clients the old service's affinity sent to backends 1 and 2 are forgotten.
+                Op::PurgeAffinity {
+                    svc_id: 1,
+                    keep: vec![3]
+                },
+                Op::RemoveBackend(1),
+                Op::RemoveBackend(2),
+            ]
+        );
     }
 
     #[test]
