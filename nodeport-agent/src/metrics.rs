@@ -81,6 +81,11 @@ struct CodeLabels {
     code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
 /// The agent's metrics. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Metrics {
     registry: Registry,
@@ -100,6 +105,7 @@ pub struct Metrics {
     snat_ports_used_max: Gauge,
     snat_ports: Gauge,
     table_count_duration: Gauge<f64, AtomicU64>,
+    invalid_objects: Family<KindLabels, Gauge>,
     dataplane: Arc<DataplaneCollector>,
 }
 
@@ -134,6 +140,7 @@ impl Metrics {
         let snat_ports_used_max = Gauge::default();
         let snat_ports = Gauge::default();
         let table_count_duration = Gauge::<f64, AtomicU64>::default();
+        let invalid_objects = Family::<KindLabels, Gauge>::default();
         let dataplane = Arc::new(DataplaneCollector::default());
 
         // Names and help texts as kube-proxy's, minus the `kubeproxy_` prefix (added by the
@@ -218,6 +225,11 @@ impl Metrics {
             "Time the last periodic count of the connection-tracking tables took",
             table_count_duration.clone(),
         );
+        registry.register(
+            "invalid_objects",
+            "Objects with a problem (logged with their name) that are ignored in whole or in part, by kind, at the last sync",
+            invalid_objects.clone(),
+        );
         registry.register_collector(Box::new(dataplane.clone()));
 
         Self {
@@ -238,7 +250,21 @@ impl Metrics {
             snat_ports_used_max,
             snat_ports,
             table_count_duration,
+            invalid_objects,
             dataplane,
+        }
+    }
+
+    /// Objects with problems at the last sync: `(kind, objects)` for every kind watched, zeros
+    /// included, so an alert can watch one series per kind.
+    pub fn set_invalid_objects(&self, counts: &[(&str, usize)]) {
+        for (kind, objects) in counts {
+            let labels = KindLabels {
+                kind: (*kind).to_owned(),
+            };
+            self.invalid_objects
+                .get_or_create(&labels)
+                .set(saturating_i64(*objects as u64));
         }
     }
 
@@ -580,6 +606,7 @@ mod tests {
         m.count_changes(1, 4);
         m.set_map_fill("np_ct4", 1024, 4096);
         m.count_healthz(200);
+        m.set_invalid_objects(&[("Service", 2), ("EndpointSlice", 0)]);
         m.set_dataplane_source(Box::new(|| DataplaneSnapshot {
             counters: vec![("new_flow", 10, 1000), ("drop_no_backend", 3, 180)],
             services: vec![ServiceTraffic {
@@ -613,6 +640,8 @@ mod tests {
             "nodeport_packets_total{reason=\"drop_no_backend\"} 3",
             "nodeport_bytes_total{reason=\"drop_no_backend\"} 180",
             "nodeport_socket_lb_calls_total{result=\"sock_translated\"} 5",
+            "nodeport_invalid_objects{kind=\"Service\"} 2",
+            "nodeport_invalid_objects{kind=\"EndpointSlice\"} 0",
             "nodeport_service_packets_total{node_port=\"30080\",protocol=\"TCP\",service=\"default/web\"} 7",
             "nodeport_service_bytes_total{node_port=\"30080\",protocol=\"TCP\",service=\"default/web\"} 700",
             "# EOF",

@@ -269,6 +269,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             }
         }
         reported.retain(|p: &String| want_state.problems.iter().any(|q| q.to_string() == *p));
+        metrics.set_invalid_objects(&invalid_objects(&want_state.problems));
         let want = to_want(&want_state);
         let report = if full {
             syncer.resync(&want)
@@ -383,6 +384,21 @@ pub fn to_want(d: &Desired) -> Want {
             })
             .collect(),
     }
+}
+
+/// Distinct objects with problems, per watched kind (`Problem::object` is "<Kind> <key>").
+fn invalid_objects(problems: &[crate::model::desired::Problem]) -> Vec<(&'static str, usize)> {
+    ["Service", "EndpointSlice", "Node"]
+        .into_iter()
+        .map(|kind| {
+            let objects: BTreeSet<&str> = problems
+                .iter()
+                .map(|p| p.object.as_str())
+                .filter(|o| o.split_once(' ').is_some_and(|(k, _)| k == kind))
+                .collect();
+            (kind, objects.len())
+        })
+        .collect()
 }
 
 type ServiceNames = Arc<std::sync::RwLock<std::collections::BTreeMap<u32, String>>>;

@@ -279,6 +279,24 @@ fn hostile_manifests_are_reported_by_name_and_every_other_service_works() {
         "the agent panicked:\n{}",
         agent.log()
     );
+    // The objects the semantics reject are counted by kind (files and objects that do not parse
+    // never become objects: they are only logged).
+    let metrics = net.node.run(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:10256").expect("metrics listener");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    });
+    for line in [
+        "nodeport_invalid_objects{kind=\"Service\"} 3",
+        "nodeport_invalid_objects{kind=\"EndpointSlice\"} 2",
+        "nodeport_invalid_objects{kind=\"Node\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
 
     // Repairing the broken file serves it, and changes nothing else.
     let before = frontends(&pins);
