@@ -9,7 +9,7 @@
 //! Each test brings up its own lab (prefix `npex<pid>-<n>`) and tears it down in a Drop guard.
 //! They need root and fail (never skip) without it.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     io::{ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
     sync::atomic::{AtomicU32, Ordering},
@@ -150,34 +150,6 @@ impl TestLab {
     fn attempt_from_node(&self, node: &str, addr: Ipv4Addr) -> Outcome {
         let target = SocketAddrV4::new(addr, NODE_PORT);
         outcome(self.lab.exec_on_node(node, target, Proto::Tcp, T))
-    }
-
-    fn sock(&self, node: &str, counter: &str) -> u64 {
-        self.counters(node)[counter]
-    }
-
-    /// The dataplane's packet counters of a node, by reason (`nodeport-agent stats`).
-    fn counters(&self, node: &str) -> BTreeMap<String, u64> {
-        let root = self.cfg.pin_root(node);
-        let text = sys::run(
-            self.cfg.agent.to_str().unwrap(),
-            &["stats", "--pin-root", root.to_str().unwrap()],
-        )
-        .unwrap();
-        text.lines()
-            .filter_map(|l| {
-                let mut w = l.split_whitespace();
-                Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
-            })
-            .collect()
-    }
-
-    fn translated(&self, node: &str) -> u64 {
-        let c = self.counters(node);
-        ["new_flow", "established", "reply", "reselected"]
-            .iter()
-            .map(|k| c.get(*k).copied().unwrap_or(0))
-            .sum()
     }
 
     /// `nodeport-agent list addresses` of a node: the addresses its dataplane serves.

@@ -64,32 +64,6 @@ spec:
   ports:
   - {name: http, port: 8080, targetPort: http, nodePort: 30040, protocol: TCP}
   - {name: udp, port: 8080, targetPort: udp, nodePort: 30040, protocol: UDP}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: dnsutils}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: dnsutils}}
-  template:
-    metadata: {labels: {app: dnsutils}}
-    spec:
-      nodeSelector: {nodeport-lab/node: worker}
-      containers:
-      - {name: dnsutils, image: nodeport-echo, ports: [{containerPort: 5353, protocol: UDP}]}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: other}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: other}}
-  template:
-    metadata: {labels: {app: other}}
-    spec:
-      nodeSelector: {nodeport-lab/node: worker2}
-      containers:
-      - {name: other, image: nodeport-echo, ports: [{containerPort: 5353, protocol: UDP}]}
 "#;
 
 /// `web`: 3 replicas over the two workers, behind a Service without affinity (30050) and one
@@ -149,6 +123,10 @@ spec:
   selector: {app: echo}
   ports:
   - {port: 80, targetPort: http, nodePort: 30052}
+"#;
+
+/// The client pods of both workloads: `dnsutils` on the worker, `other` on worker2.
+const CLIENT_PODS: &str = r#"
 ---
 apiVersion: apps/v1
 kind: Deployment
@@ -181,7 +159,9 @@ fn lab_up() -> TestLab {
     lab_up_with(WORKLOAD)
 }
 
+/// A lab running `workload` and the client pods.
 fn lab_up_with(workload: &str) -> TestLab {
+    let workload = format!("{workload}{CLIENT_PODS}");
     static NEXT: AtomicU32 = AtomicU32::new(0);
     require_root();
     sweep_stale(PREFIX);
@@ -247,37 +227,6 @@ impl TestLab {
         cast
     }
 
-    /// `nodeport-agent stats` of a node: packet counters and socket counters, by name.
-    fn counters(&self, node: &str) -> BTreeMap<String, u64> {
-        let root = self.cfg.pin_root(node);
-        let text = sys::run(
-            self.cfg.agent.to_str().unwrap(),
-            &["stats", "--pin-root", root.to_str().unwrap()],
-        )
-        .unwrap();
-        text.lines()
-            .filter_map(|l| {
-                let mut w = l.split_whitespace();
-                Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
-            })
-            .collect()
-    }
-
-    /// Packets the node's XDP/TC programs translated.
-    fn packet_path(&self, node: &str) -> u64 {
-        let c = self.counters(node);
-        ["new_flow", "established", "reply", "reselected"]
-            .iter()
-            .map(|k| c.get(*k).copied().unwrap_or(0))
-            .sum()
-    }
-
-    fn sock(&self, node: &str, counter: &str) -> u64 {
-        let c = self.counters(node);
-        *c.get(counter)
-            .unwrap_or_else(|| panic!("`nodeport-agent stats` of {node} has no {counter}: {c:?}"))
-    }
-
     fn exchange_from_pod(&self, pod: &Pod, addr: Ipv4Addr, proto: Proto) -> Exchange {
         let target = SocketAddrV4::new(addr, NODE_PORT);
         self.lab
@@ -315,7 +264,7 @@ fn assert_served(x: &Exchange, echo: &Pod, asked: Ipv4Addr, proto: Proto) {
 fn a_pod_reaches_the_service_on_every_node_address_its_own_included() {
     let t = lab_up();
     let c = t.cast();
-    let packets_before = t.packet_path(&c.worker);
+    let packets_before = t.translated(&c.worker);
     let sock_before = t.sock(&c.worker, "sock_translated");
     let sock2_before = t.sock(&c.worker2, "sock_translated");
 
@@ -366,7 +315,7 @@ fn a_pod_reaches_the_service_on_every_node_address_its_own_included() {
         t.sock(&c.worker2, "sock_translated") - sock2_before,
         PROTOS.len() as u64
     );
-    assert_eq!(t.packet_path(&c.worker), packets_before);
+    assert_eq!(t.translated(&c.worker), packets_before);
     assert_eq!(t.sock(&c.worker, "sock_no_backend"), 0);
 }
 
@@ -380,7 +329,7 @@ fn a_process_on_the_node_reaches_its_own_address_and_the_client_namespace_keeps_
     // the pod at connect()/sendto(), out of the pod's veth, so the pod sees the address the
     // node sends from on that veth, the pod gateway.
     let sock_before = t.sock(&c.worker, "sock_translated");
-    let packets_before = t.packet_path(&c.worker);
+    let packets_before = t.translated(&c.worker);
     for proto in PROTOS {
         let x = t.exchange_from_node(&c.worker, c.w_addr, proto);
         assert_served(&x, &c.echo, c.w_addr, proto);
@@ -390,7 +339,7 @@ fn a_process_on_the_node_reaches_its_own_address_and_the_client_namespace_keeps_
         t.sock(&c.worker, "sock_translated") - sock_before,
         PROTOS.len() as u64
     );
-    assert_eq!(t.packet_path(&c.worker), packets_before);
+    assert_eq!(t.translated(&c.worker), packets_before);
 
     // A process on worker2 to worker2's address: the backend is on the worker, reached via
     // worker2's eth0, so the pod sees worker2's address, without any NAT.

@@ -49,6 +49,39 @@ pub struct TestLab {
     pub work: PathBuf,
 }
 
+impl TestLab {
+    /// `nodeport-agent stats` of a node, by counter name: the packet counters (packets) and the
+    /// socket programs' counters (calls).
+    pub fn counters(&self, node: &str) -> std::collections::BTreeMap<String, u64> {
+        let root = self.cfg.pin_root(node);
+        let text = nodeport_lab::sys::run(
+            self.cfg.agent.to_str().unwrap(),
+            &["stats", "--pin-root", root.to_str().unwrap()],
+        )
+        .unwrap();
+        text.lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Packets the node's XDP/TC programs translated (new, established, replies, reselected).
+    pub fn translated(&self, node: &str) -> u64 {
+        let c = self.counters(node);
+        ["new_flow", "established", "reply", "reselected"]
+            .iter()
+            .map(|k| c.get(*k).copied().unwrap_or(0))
+            .sum()
+    }
+
+    /// One socket-program counter of a node (`sock_translated`, …).
+    pub fn sock(&self, node: &str, counter: &str) -> u64 {
+        self.counters(node)[counter]
+    }
+}
+
 impl Drop for TestLab {
     fn drop(&mut self) {
         if let Err(e) = down(&self.cfg) {
