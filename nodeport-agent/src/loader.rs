@@ -133,6 +133,7 @@ impl Dataplane {
         }
         raise_memlock_limit();
         pin::create_dir_all(&layout.dir())?;
+        recreate_resized_counters(layout)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(layout.dir())
             .map_max_entries(map_names::CONNTRACK, sizes.conntrack)
@@ -248,6 +249,29 @@ impl Dataplane {
         let array: Array<&MapData, Config> = map.try_into().map_err(Error::map(name))?;
         array.get(&0, 0).map_err(Error::map(name))
     }
+}
+
+/// Counter arrays pinned by a build with another number of counter slots (builds before the
+/// slots had room to grow) are unpinned, so this load creates them at the new size: aya refuses
+/// a pinned map of another size, and counters, unlike state, may start again from zero (as a
+/// restarted kube-proxy's do). Programs still attached keep counting into the old array until
+/// `attach` moves them to the new programs.
+fn recreate_resized_counters(layout: &PinLayout) -> Result<(), Error> {
+    for (name, slots) in [
+        (map_names::COUNTERS, capacity::COUNTERS),
+        (map_names::SOCK_COUNTERS, capacity::SOCK_COUNTERS),
+    ] {
+        let path = layout.map(name);
+        if path.exists() && pinned_max_entries(&layout.dir(), name)? != slots {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            tracing::info!(
+                map = name,
+                slots,
+                "counter array resized: counting starts again"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK (since then, to the memory cgroup), and

@@ -30,7 +30,9 @@ pub enum Counter {
     /// backend that knows nothing of the connection answers RST, which ends it cleanly for the
     /// client (what kube-proxy's conntrack does too); a UDP flow simply moves.
     Reselected = 10,
-    /// Dropped: the service has no ready (or serving) backend.
+    /// Dropped: the service has no ready (or serving) backend. No longer counted by the packet
+    /// path, which hands such packets to the node's stack instead (`PassNoBackend`); kept so
+    /// the later indices stay where pinned maps have them.
     DropNoBackend = 11,
     /// Dropped: externalTrafficPolicy=Local and this node has no local backend.
     DropNoLocalBackend = 12,
@@ -46,10 +48,14 @@ pub enum Counter {
     /// Dropped: no route to the backend or the client for a source-NATed packet (handing it to
     /// the stack would only see it dropped as a martian: its source is a local address).
     DropNoRoute = 17,
+    /// The service has no ready (or serving) backend: handed untouched to the node's stack,
+    /// where nothing listens on the nodePort, so the client is refused at once (TCP reset, ICMP
+    /// port unreachable for UDP): kube-proxy's REJECT rule for services without endpoints.
+    PassNoBackend = 18,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIpv4,
@@ -70,6 +76,7 @@ impl Counter {
         Counter::DropStaleSlot,
         Counter::DropRewrite,
         Counter::DropNoRoute,
+        Counter::PassNoBackend,
     ];
 
     /// Stable snake_case name, used in metrics labels and `nodeport-agent status`.
@@ -93,11 +100,13 @@ impl Counter {
             Counter::DropStaleSlot => "drop_stale_slot",
             Counter::DropRewrite => "drop_rewrite",
             Counter::DropNoRoute => "drop_no_route",
+            Counter::PassNoBackend => "pass_no_backend",
         }
     }
 
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= (Counter::DropNoBackend as u32)
+        let n = self as u32;
+        n >= Counter::DropNoBackend as u32 && n <= Counter::DropNoRoute as u32
     }
 }
 

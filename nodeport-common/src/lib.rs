@@ -103,6 +103,11 @@ pub mod capacity {
     /// Service ids run from 1 to SERVICES - 1 (0 is reserved); the per-service counters are an
     /// array indexed by id.
     pub const SERVICES: u32 = 65_536;
+    /// `np_stats` slots: `Counter::COUNT` plus room for counters to come, so a newer build adds
+    /// one without changing the pinned map's size.
+    pub const COUNTERS: u32 = 32;
+    /// `np_sk_stats` slots: `SockCounter::COUNT` plus room likewise.
+    pub const SOCK_COUNTERS: u32 = 16;
     /// `np_sk_nat4`: two entries per translated socket (LRU; Cilium's lb4_reverse_sk has 262,144).
     pub const SOCK_NAT: u32 = 262_144;
 }

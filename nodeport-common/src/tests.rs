@@ -70,12 +70,21 @@ fn counters_are_dense_and_named_uniquely() {
         assert!(!Counter::ALL[..i].iter().any(|o| o.name() == c.name()));
     }
     assert!(Counter::DropNoBackend.is_drop());
+    assert!(!Counter::PassNoBackend.is_drop());
+    const { assert!(Counter::COUNT <= capacity::COUNTERS) };
+    const { assert!(SockCounter::COUNT <= capacity::SOCK_COUNTERS) };
     assert!(!Counter::Reply.is_drop());
     assert!(
         Counter::ALL
             .iter()
             .filter(|c| c.is_drop())
             .all(|c| c.name().starts_with("drop_"))
+    );
+    assert!(
+        Counter::ALL
+            .iter()
+            .filter(|c| !c.is_drop())
+            .all(|c| !c.name().starts_with("drop_"))
     );
     for (i, c) in SockCounter::ALL.iter().enumerate() {
         assert_eq!(*c as u32, i as u32, "{c:?} out of order");

@@ -142,6 +142,11 @@ fn service(p: &Packet, fe: Frontend, cfg: &Config) -> Decision {
     }
     let (backend_id, b) = match lb::select(&fe, p.saddr, now, false) {
         Ok(x) => x,
+        // No endpoint at all: the node's stack, where nothing listens on the nodePort, refuses
+        // the client at once (RST, ICMP port unreachable), as kube-proxy's REJECT rule does.
+        // Without a local endpoint under externalTrafficPolicy=Local kube-proxy drops, so that
+        // load balancers' health checks, not clients, find out.
+        Err(Counter::DropNoBackend) => return Decision::Pass(Counter::PassNoBackend),
         Err(c) => return Decision::Drop(c),
     };
     let mut ct = CtEntry {

@@ -5,9 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use nodeport_common::{
-    Affinity, AffinityKey, Backend, BackendKey, Config, Counter, CtEntry, FlowKey, Frontend,
-    FrontendKey, NodeAddr, NodeAddrKey, RevNat, Slot, SlotKey, SockCounter, SockNat, SockNatKey,
-    Traffic, capacity as cap,
+    Affinity, AffinityKey, Backend, BackendKey, Config, CtEntry, FlowKey, Frontend, FrontendKey,
+    NodeAddr, NodeAddrKey, RevNat, Slot, SlotKey, SockNat, SockNatKey, Traffic, capacity as cap,
 };
 
 #[btf_map(name = "np_config", pin_by_name)]
@@ -38,7 +37,7 @@ pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { cap::AFFINITY as usize 
     LruHashMap::new();
 
 #[btf_map(name = "np_stats", pin_by_name)]
-pub static COUNTERS: PerCpuArray<Traffic, { Counter::COUNT as usize }> = PerCpuArray::new();
+pub static COUNTERS: PerCpuArray<Traffic, { cap::COUNTERS as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "np_svc_stats", pin_by_name)]
 pub static SERVICE_COUNTERS: PerCpuArray<Traffic, { cap::SERVICES as usize }> = PerCpuArray::new();
@@ -50,4 +49,4 @@ pub static SOCK_NAT: LruHashMap<SockNatKey, SockNat, { cap::SOCK_NAT as usize }>
     LruHashMap::new();
 
 #[btf_map(name = "np_sk_stats", pin_by_name)]
-pub static SOCK_COUNTERS: PerCpuArray<u64, { SockCounter::COUNT as usize }> = PerCpuArray::new();
+pub static SOCK_COUNTERS: PerCpuArray<u64, { cap::SOCK_COUNTERS as usize }> = PerCpuArray::new();

@@ -225,8 +225,8 @@ fn requests_spread_plausibly_uniformly_over_the_backends() {
 }
 
 #[test]
-fn a_selector_matching_no_pod_times_out_until_it_is_fixed() {
-    // The seed's mistake: the Service also selects a label no pod has.
+fn a_selector_matching_no_pod_is_refused_until_it_is_fixed() {
+    // Seed 001's mistake: the Service also selects a label no pod has.
     let mut t = lab_with(&web(2, "{app: web, type: front-end}", 30101, "", ""));
     let nodes = t.node_addrs();
     for (node, _) in &nodes {
@@ -237,19 +237,29 @@ fn a_selector_matching_no_pod_times_out_until_it_is_fixed() {
             "the frontend exists without backends on {node}"
         );
     }
-    // Documented (docs/ARCHITECTURE.md): a service without endpoints drops, so the client's
-    // connection attempt times out (kube-proxy would reject: connection refused).
+    // As in the seed (`curl: (7) … Connection refused`): a service without endpoints is
+    // refused at once, on every node (kube-proxy's REJECT; here the node's own stack answers).
     for (node, addr) in &nodes {
+        let started = std::time::Instant::now();
         let e = t
             .lab
-            .get(*addr, 30101, Duration::from_millis(500))
+            .get(*addr, 30101, T)
             .expect_err("no pod is selected, yet something answered");
         assert!(is_connect_failure(&e), "{node}: {e:#}");
         let io = e
             .root_cause()
             .downcast_ref::<std::io::Error>()
             .map(|e| e.kind());
-        assert_eq!(io, Some(std::io::ErrorKind::TimedOut), "{node}: {e:#}");
+        assert_eq!(
+            io,
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "{node}: {e:#}"
+        );
+        assert!(
+            started.elapsed() < T,
+            "{node}: refused after {:?}",
+            started.elapsed()
+        );
     }
     // Fixing the selector: every node answers, from both pods.
     t.apply(&web(2, "{app: web}", 30101, "", ""));

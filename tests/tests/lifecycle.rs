@@ -250,3 +250,54 @@ fn load_outside_bpffs_fails_with_a_clear_error() {
         Ok(_) => panic!("loaded with pins outside bpffs"),
     }
 }
+
+#[test]
+fn counter_arrays_of_an_older_size_are_recreated_and_state_maps_kept() {
+    // A build before the counter arrays had spare slots pinned np_stats with 18 entries (one per
+    // counter then); aya refuses a pinned map of another size, so the loader recreates counter
+    // arrays (and only those) at the new size.
+    let pins = TestPins::new();
+    let layout = pins.layout();
+    std::fs::create_dir_all(layout.dir()).expect("mkdir on bpffs");
+    let stats = layout.map(map_names::COUNTERS);
+    bpftool(&[
+        "map",
+        "create",
+        stats.to_str().unwrap(),
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "16",
+        "entries",
+        "18",
+        "name",
+        "np_stats",
+    ]);
+    let dp = Dataplane::load(layout).expect("load over an 18-slot np_stats");
+    let entries = |name: &str| {
+        nodeport_agent::loader::pinned_max_entries(&layout.dir(), name)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    assert_eq!(
+        entries(map_names::COUNTERS),
+        nodeport_common::capacity::COUNTERS
+    );
+    assert!(dp.stats().expect("counters readable").total().packets == 0);
+    drop(dp);
+    // State maps (here the conntrack table) are adopted as they are on the next load.
+    let ct = entries(map_names::CONNTRACK);
+    let ct_id_before = aya::maps::MapInfo::from_pin(layout.map(map_names::CONNTRACK))
+        .unwrap()
+        .id();
+    Dataplane::load(layout).expect("reload");
+    assert_eq!(entries(map_names::CONNTRACK), ct);
+    assert_eq!(
+        aya::maps::MapInfo::from_pin(layout.map(map_names::CONNTRACK))
+            .unwrap()
+            .id(),
+        ct_id_before,
+        "the conntrack table was adopted, not recreated"
+    );
+}

@@ -136,13 +136,11 @@ fn tc_ingress_translates_like_xdp_and_redirects() {
         Frame::tcp((NODE, 61500), (REMOTE_POD, 8080), SYN).with_macs(CLIENT_MAC, NODE_MAC);
     want.ttl = 63;
     assert_eq!(out, want.build());
-    // No backend: dropped in TC too.
-    let (verdict, _) = h.tc(
-        program_names::TC_INGRESS,
-        h.net.node_ifindex,
-        &client_to(NP_EMPTY, 50000, SYN).build(),
-    );
-    assert_eq!(verdict, TC_ACT_SHOT);
+    // No backend: up to the stack untouched in TC too, which refuses it.
+    let syn = client_to(NP_EMPTY, 50000, SYN).build();
+    let (verdict, out) = h.tc(program_names::TC_INGRESS, h.net.node_ifindex, &syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, syn);
 }
 
 #[test]
@@ -189,11 +187,17 @@ fn ip_options_are_kept_and_skipped_correctly() {
 }
 
 #[test]
-fn no_backend_and_etp_local_without_local_backend_drop_with_their_reasons() {
+fn no_backend_goes_to_the_stack_and_etp_local_without_local_backend_drops() {
+    // No endpoint: handed up untouched (and marked, so TC does not look again); the node's
+    // stack refuses it, as kube-proxy's REJECT would. eTP=Local without a local one: dropped,
+    // as kube-proxy does.
     let h = harness();
-    let (verdict, _) = h.xdp(&client_to(NP_EMPTY, 50001, SYN).build());
-    assert_eq!(verdict, XDP_DROP);
-    assert_eq!(h.stats().get(Counter::DropNoBackend).packets, 1);
+    let syn = client_to(NP_EMPTY, 50001, SYN).build();
+    let (verdict, out) = h.xdp(&syn);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, syn, "untouched");
+    assert_eq!(h.stats().get(Counter::PassNoBackend).packets, 1);
+    assert_eq!(h.stats().get(Counter::DropNoBackend).packets, 0);
     let (verdict, _) = h.xdp(&client_to(NP_ETP_LOCAL_EMPTY, 50002, SYN).build());
     assert_eq!(verdict, XDP_DROP);
     assert_eq!(h.stats().get(Counter::DropNoLocalBackend).packets, 1);

@@ -493,8 +493,13 @@ impl Model {
                 vec![leave(hook, v, self.forward_nat(f, Effect::None, None))],
             );
         }
+        if svc.backends.is_empty() && svc.etp_local {
+            // kube-proxy drops when externalTrafficPolicy=Local finds no local endpoint.
+            return ("new flow, no local backend", vec![dropped(hook)]);
+        }
         if svc.backends.is_empty() {
-            return ("new flow, service without backends", vec![dropped(hook)]);
+            // Handed to the node's stack untouched, which refuses it (kube-proxy's REJECT).
+            return ("new flow, service without backends", vec![unchanged(hook)]);
         }
         let pinned = if svc.affinity {
             self.affinity.get(&(svc.svc_id, t.saddr)).copied()
