@@ -9,7 +9,7 @@
 //! are counted.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Shutdown, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -69,11 +69,16 @@ fn micros(d: Duration) -> u64 {
     (d.as_micros() as u64).clamp(1, 60_000_000)
 }
 
-/// `workers` threads, each opening connections to `targets` in turn for `duration`.
+/// `workers` threads, each opening connections to `targets` in turn for `duration`. With
+/// `sources`, connections come from those client addresses in turn (many client hosts: each
+/// address gets its own TCP timestamp offset from the kernel, as separate hosts have their own
+/// clocks, which is what PAWS on the pods' TIME_WAIT sockets compares); without, from the
+/// address the route picks.
 pub fn new_connections(
     targets: &[SocketAddrV4],
     workers: usize,
     duration: Duration,
+    sources: &[Ipv4Addr],
 ) -> anyhow::Result<ConnFigures> {
     if targets.is_empty() {
         bail!("no target to connect to");
@@ -88,9 +93,10 @@ pub fn new_connections(
                     let mut i = w;
                     while Instant::now() < deadline {
                         let target = targets[i % targets.len()];
+                        let source = (!sources.is_empty()).then(|| sources[i % sources.len()]);
                         i += 1;
                         let t0 = Instant::now();
-                        match one_exchange(target) {
+                        match one_exchange(target, source) {
                             Ok(connect) => {
                                 hist.record(micros(t0.elapsed())).ok();
                                 if connect > SYN_RETRANSMIT {
@@ -129,9 +135,21 @@ pub fn new_connections(
 
 /// One connection: connect, `GET` with `Connection: close`, the whole answer, close. Returns
 /// how long the connect took.
-fn one_exchange(target: SocketAddrV4) -> anyhow::Result<Duration> {
+fn one_exchange(target: SocketAddrV4, source: Option<Ipv4Addr>) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
-    let mut s = TcpStream::connect_timeout(&target.into(), TIMEOUT)?;
+    let mut s = match source {
+        None => TcpStream::connect_timeout(&target.into(), TIMEOUT)?,
+        Some(addr) => {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.bind(&SocketAddrV4::new(addr, 0).into())?;
+            socket.connect_timeout(&target.into(), TIMEOUT)?;
+            socket.into()
+        }
+    };
     let connect = t0.elapsed();
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;

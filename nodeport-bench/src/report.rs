@@ -151,13 +151,18 @@ pub fn section(r: &Results, plot: &str) -> String {
         .collect();
     let _ = writeln!(
         s,
-        "Run of {} (`{}`, {:.0} min): repetitions {}, dataplanes in rotating order within each repetition, {:.0} s per figure, {} concurrent connections; medians over repetitions, ratios taken pairwise within a repetition, then their median. SYN retx counts completed connections whose connect took over 900 ms (a dropped SYN, retransmitted after 1 s), summed over repetitions; failed ones did not complete within 4 s.\n",
+        "Run of {} (`{}`, {:.0} min): repetitions {}, dataplanes in rotating order within each repetition, {:.0} s per figure, {} concurrent connections{}; medians over repetitions, ratios taken pairwise within a repetition, then their median. SYN retx counts completed connections whose connect took over 900 ms (a dropped SYN, retransmitted after 1 s), summed over repetitions; failed ones did not complete within 4 s.\n",
         r.date,
         r.command,
         r.wall_s / 60.0,
         reps.join(", "),
         r.duration_s,
-        r.workers
+        r.workers,
+        if r.clients > 1 {
+            format!(", new connections from {} client addresses in turn", r.clients)
+        } else {
+            String::new()
+        }
     );
     for path in Path::ALL {
         let _ = writeln!(s, "Client → nodeIP:nodePort → pod, {}:\n", path.label());
@@ -272,6 +277,7 @@ mod tests {
             reps: 3,
             duration_s: 1.0,
             workers: 1,
+            clients: 1,
             dataplanes: vec![Dataplane::Direct, Dataplane::KubeProxyIptables],
             samples: vec![
                 sample(0, Dataplane::Direct, 100.0),

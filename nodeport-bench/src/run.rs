@@ -29,6 +29,9 @@ pub struct Options {
     pub duration: Duration,
     /// Concurrent connections of the load generator.
     pub workers: usize,
+    /// Client hosts the new connections come from in turn (addresses of the client namespace):
+    /// 1 is the single client of the other figures.
+    pub clients: usize,
     pub dataplanes: Vec<Dataplane>,
     /// Written after every sample (the results so far), so a run cut short still has them.
     pub progress: Option<PathBuf>,
@@ -54,6 +57,9 @@ pub struct Results {
     pub reps: usize,
     pub duration_s: f64,
     pub workers: usize,
+    /// Client addresses of the new-connection figures (absent in runs before the option: 1).
+    #[serde(default = "one")]
+    pub clients: usize,
     pub dataplanes: Vec<Dataplane>,
     pub samples: Vec<Sample>,
     /// How long the whole run took, seconds.
@@ -125,6 +131,9 @@ impl BenchLab {
         // The lab started its agents (TC): the bench starts its own, per dataplane.
         dataplane::stop_agents(&me.lab)?;
         let client = me.cfg.client_ns();
+        for addr in client_sources(opts.clients)? {
+            sys::ip_in(&client, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        }
         // The direct path: the client routes each pod CIDR via its node.
         for n in me.lab.nodes() {
             sys::ip_in(
@@ -261,9 +270,16 @@ pub fn run(opts: &Options, command: &str) -> anyhow::Result<Results> {
                     let what = format!("{} ({})", dp.label(), path.label());
                     probe(&bench.lab, http[0], &what)?;
                     let (w, d) = (opts.workers, opts.duration);
+                    let sources = if opts.clients > 1 {
+                        std::iter::once(nodeport_lab::CLIENT_ADDR)
+                            .chain(client_sources(opts.clients)?)
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
                     let (conn, keep_alive, bulk) = bench.lab.in_client(|| {
                         anyhow::Ok((
-                            load::new_connections(&http, w, d)?,
+                            load::new_connections(&http, w, d, &sources)?,
                             load::keep_alive(&http, w, d)?,
                             load::bulk(bulk, d)?,
                         ))
@@ -302,6 +318,23 @@ pub fn run(opts: &Options, command: &str) -> anyhow::Result<Results> {
     Ok(results(opts, command, &samples, started))
 }
 
+/// The client namespace's extra addresses for `clients` client hosts: the lab's client address
+/// is the first; these follow it in the lab's /24 (nodes are at .2 and up, the client at .100).
+fn client_sources(clients: usize) -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
+    anyhow::ensure!(
+        (1..=100).contains(&clients),
+        "--clients {clients}: between 1 and 100 client addresses"
+    );
+    let base = u32::from(nodeport_lab::CLIENT_ADDR);
+    Ok((1..clients as u32)
+        .map(|i| std::net::Ipv4Addr::from(base + i))
+        .collect())
+}
+
+fn one() -> usize {
+    1
+}
+
 fn results(opts: &Options, command: &str, samples: &[Sample], started: Instant) -> Results {
     Results {
         date: today(),
@@ -310,6 +343,7 @@ fn results(opts: &Options, command: &str, samples: &[Sample], started: Instant) 
         reps: opts.reps,
         duration_s: opts.duration.as_secs_f64(),
         workers: opts.workers,
+        clients: opts.clients,
         dataplanes: opts.dataplanes.clone(),
         samples: samples.to_vec(),
         wall_s: started.elapsed().as_secs_f64(),

@@ -26,6 +26,9 @@ pub struct Args {
     /// Seconds per figure.
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
+    /// Client hosts (addresses) the new connections come from in turn.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
     /// Dataplanes, comma-separated (direct, xdp, tc, iptables, nftables).
     #[arg(long, default_value = "direct,xdp,tc,iptables,nftables")]
     dataplanes: String,
@@ -62,6 +65,9 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
             " --services {} --reps {} --duration {}",
             args.services, args.reps, args.duration
         ));
+        if args.clients > 1 {
+            recorded.push_str(&format!(" --clients {}", args.clients));
+        }
     }
     if let Some(earlier) = &args.merge {
         recorded.push_str(&format!(" --merge {}", earlier.display()));
@@ -77,6 +83,7 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
         .args(["--reps", &args.reps.to_string()])
         .args(["--duration", &args.duration.to_string()])
         .args(["--dataplanes", &args.dataplanes])
+        .args(["--clients", &args.clients.to_string()])
         .args(["--command", &recorded])
         .current_dir(root);
     if let Some(earlier) = &args.merge {

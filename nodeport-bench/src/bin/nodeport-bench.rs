@@ -29,6 +29,10 @@ struct Args {
     /// Concurrent connections of the load generator.
     #[arg(long, default_value_t = 8)]
     workers: usize,
+    /// Client hosts (addresses) the new connections come from in turn; more than one exposes
+    /// PAWS rejections on the pods' TIME_WAIT sockets behind source NAT.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
     /// Dataplanes, comma-separated: direct, xdp, tc, iptables, nftables.
     #[arg(
         long,
@@ -96,6 +100,7 @@ fn real_main() -> anyhow::Result<()> {
         reps,
         duration: Duration::from_secs_f64(duration),
         workers: args.workers,
+        clients: args.clients,
         dataplanes: args
             .dataplanes
             .iter()
