@@ -159,7 +159,10 @@ pub fn section(r: &Results, plot: &str) -> String {
         r.duration_s,
         r.workers,
         if r.clients > 1 {
-            format!(", new connections from {} client addresses in turn", r.clients)
+            format!(
+                ", new connections from {} client addresses in turn",
+                r.clients
+            )
         } else {
             String::new()
         }

@@ -132,7 +132,10 @@ impl BenchLab {
         dataplane::stop_agents(&me.lab)?;
         let client = me.cfg.client_ns();
         for addr in client_sources(opts.clients)? {
-            sys::ip_in(&client, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            sys::ip_in(
+                &client,
+                &["addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+            )?;
         }
         // The direct path: the client routes each pod CIDR via its node.
         for n in me.lab.nodes() {
