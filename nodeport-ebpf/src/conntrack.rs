@@ -48,8 +48,9 @@ pub fn account(ct: &mut CtEntry, proto: u8, flags: u8, dir: Dir, cfg: &Config, n
             && is_syn_only(flags)
             && st & (TCP_RST | TCP_FIN_CLIENT | TCP_FIN_BACKEND) != 0
         {
-            // The client reuses the tuple for a new connection (like netfilter's TIME_WAIT
-            // re-open): same backend and SNAT port, fresh state.
+            // The client reuses the tuple for a new connection. The forward path balances such a
+            // SYN anew before it gets here (`flow::reopens`); this keeps the state right for
+            // any other caller.
             st = TCP_SEEN_SYN;
         }
         if flags & F_RST != 0 {

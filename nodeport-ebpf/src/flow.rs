@@ -3,11 +3,11 @@
 //! forwarding are the attach point's business.
 use nodeport_common::{
     BACKEND_LOCAL, CT_LOCAL, CT_SNAT, Config, Counter, CtEntry, FlowKey, Frontend, FrontendKey,
-    IPPROTO_TCP, NodeAddrKey,
+    IPPROTO_TCP, NodeAddrKey, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST,
 };
 
 use crate::{
-    conntrack::{Dir, account, initial_tcp_state, now_ns},
+    conntrack::{Dir, account, initial_tcp_state, is_syn_only, now_ns},
     lb,
     maps::{CONFIG, CONNTRACK, FRONTENDS, NODE_ADDRS, REV_NAT},
     nat,
@@ -90,6 +90,19 @@ pub fn ingress(p: &Packet) -> Decision {
     Decision::Pass(Counter::PassNotNodePort)
 }
 
+/// A SYN alone from the client on a flow that has ended (RST, or FIN both ways): a new connection
+/// reusing the tuple, balanced afresh like a new flow, as netfilter does (a SYN on a TIME_WAIT
+/// conntrack entry kills it and the packet goes through the NAT rules again). Keeping the old
+/// backend would send it to a pod that may have left the service, or died, since. Only a bit test
+/// on the fast path.
+#[inline(always)]
+fn reopens(ct: &CtEntry, tcp_flags: u8) -> bool {
+    is_syn_only(tcp_flags)
+        && (ct.tcp_state & TCP_RST != 0
+            || ct.tcp_state & (TCP_FIN_CLIENT | TCP_FIN_BACKEND)
+                == TCP_FIN_CLIENT | TCP_FIN_BACKEND)
+}
+
 /// The forward packet's new addressing: to the backend, from the source the backend must see
 /// (the node address and SNAT port, the client with a remapped port, or the client as it is).
 #[inline(always)]
@@ -115,7 +128,7 @@ fn service(p: &Packet, fe: Frontend, cfg: &Config) -> Decision {
     if let Some(ctp) = CONNTRACK.get_ptr_mut(&key) {
         // Copy out: the entry may be rewritten by another CPU; we write back whole fields.
         let mut ct = unsafe { *ctp };
-        if ct.expires_ns > now {
+        if ct.expires_ns > now && !reopens(&ct, p.tcp_flags) {
             match lb::backend(ct.backend_id) {
                 Some(b) if b.addr == ct.backend_addr && b.port == ct.backend_port => {
                     account(&mut ct, p.proto, p.tcp_flags, Dir::Client, cfg, now);

@@ -345,6 +345,7 @@ impl Generator {
             backend: SERVICES[0].backends[0],
             snat: Some((NODE_ADDRS[0], 61000)),
             remap: None,
+            closing: Default::default(),
         };
         let f = flow.unwrap_or_else(synthetic);
         let b = world::backend_by_id(f.backend);

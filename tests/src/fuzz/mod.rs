@@ -351,15 +351,12 @@ pub fn run(seed: u64, packets: u64) -> Result<Report, Box<Failure>> {
                 match check::matching(&model, case.hook, &case.frame, &pred, &observed) {
                     Ok(i) => {
                         let o = pred.allowed[i];
-                        if let (Outcome::Translated(_), Some(v), Ok(obs)) =
-                            (&o, &pred.view, &observed)
-                        {
+                        if let (Some(v), Ok(obs)) = (&pred.view, &observed) {
                             let before = model.flows();
                             let l4 = v.l4_off;
-                            model.observe(
-                                &o,
-                                Some(u16::from_be_bytes([obs.frame[l4], obs.frame[l4 + 1]])),
-                            );
+                            let out_sport = matches!(o, Outcome::Translated(_))
+                                .then(|| u16::from_be_bytes([obs.frame[l4], obs.frame[l4 + 1]]));
+                            model.observe(case.hook, v, &o, out_sport);
                             report.flows_created += (model.flows() - before) as u64;
                         }
                         *report.by_outcome.entry(outcome_name(&o)).or_default() += 1;

@@ -53,6 +53,46 @@ pub struct Flow {
     /// DNAT-only flows: the source port the pod sees instead of the client's, when another live
     /// flow already reached the pod with the client's own tuple (implicit source-port remap).
     pub remap: Option<u16>,
+    /// TCP: whether the flow has ended, from the flags the programs saw (see [`tcp_account`]).
+    pub closing: Closing,
+}
+
+/// The TCP flags of a flow that decide whether it has ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Closing {
+    pub rst: bool,
+    pub fin_client: bool,
+    pub fin_backend: bool,
+}
+
+impl Closing {
+    /// Reset, or FIN both ways.
+    pub fn closed(self) -> bool {
+        self.rst || (self.fin_client && self.fin_backend)
+    }
+}
+
+const F_FIN: u8 = 0x01;
+const F_SYN: u8 = 0x02;
+const F_RST: u8 = 0x04;
+const F_ACK: u8 = 0x10;
+
+fn syn_only(flags: u8) -> bool {
+    flags & (F_SYN | F_ACK | F_RST | F_FIN) == F_SYN
+}
+
+/// A packet's TCP flags folded into its flow: a RST or a FIN (by direction) marks it.
+pub fn tcp_account(c: Closing, flags: u8, from_client: bool) -> Closing {
+    let mut c = c;
+    c.rst |= flags & F_RST != 0;
+    if flags & F_FIN != 0 {
+        if from_client {
+            c.fin_client = true;
+        } else {
+            c.fin_backend = true;
+        }
+    }
+    c
 }
 
 impl Flow {
@@ -84,6 +124,8 @@ pub struct View {
     pub tuple: Tuple,
     /// TCP header length or UDP length field disagree with the IP lengths.
     pub l4_lengths_odd: bool,
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
 }
 
 impl View {
@@ -155,6 +197,7 @@ pub fn view(frame: &[u8]) -> Result<View, &'static str> {
             proto,
         },
         l4_lengths_odd,
+        tcp_flags: if proto == TCP { l4[13] } else { 0 },
     })
 }
 
@@ -169,6 +212,8 @@ pub enum PortRule {
         client_port_if_free: Option<u16>,
         backend: u32,
         nat_addr: Ipv4Addr,
+        /// The new flow (a reopened flow may have its own old port back).
+        flow: Tuple,
     },
     /// A new DNAT-only flow: the client's port when no live flow reaches the pod (backend)
     /// from this client address with it, else any port of the SNAT range for which none does.
@@ -176,6 +221,7 @@ pub enum PortRule {
         client_port_if_free: Option<u16>,
         backend: u32,
         client_addr: Ipv4Addr,
+        flow: Tuple,
     },
 }
 
@@ -487,7 +533,9 @@ impl Model {
 
     fn service(&self, hook: Hook, v: &View, svc: &ServiceSpec) -> (&'static str, Vec<Outcome>) {
         let t = v.tuple;
-        if let Some(f) = self.flows.get(&t) {
+        if let Some(f) = self.flows.get(&t)
+            && !(f.closing.closed() && syn_only(v.tcp_flags))
+        {
             return (
                 "tracked flow",
                 vec![leave(hook, v, self.forward_nat(f, Effect::None, None))],
@@ -529,20 +577,31 @@ impl Model {
                     backend,
                     snat: None,
                     remap: None,
+                    closing: Closing::default(),
+                };
+                // A reopened flow's own old reply tuple is free for it (the programs drop the old
+                // mapping first).
+                let free = |table: &HashMap<Tuple, Tuple>| {
+                    table.get(&reply_base).is_none_or(|holder| *holder == t)
                 };
                 let rule = if b.local {
                     PortRule::NewLocal {
-                        client_port_if_free: (!self.local_rev.contains_key(&reply_base))
-                            .then_some(t.sport),
+                        client_port_if_free: free(&self.local_rev).then_some(t.sport),
                         backend,
                         client_addr: t.saddr,
+                        flow: t,
                     }
                 } else {
-                    let free = in_snat_range(t.sport) && !self.snat_rev.contains_key(&reply_base);
+                    // A reopened flow (an ended one made anew by a SYN) is only held to "a port
+                    // no other live flow holds": the programs free its old mapping first, and
+                    // the model does not follow every way an old mapping can end.
+                    let reopened = self.flows.contains_key(&t);
+                    let free = !reopened && in_snat_range(t.sport) && free(&self.snat_rev);
                     PortRule::NewSnat {
                         client_port_if_free: free.then_some(t.sport),
                         backend,
                         nat_addr: t.daddr,
+                        flow: t,
                     }
                 };
                 let effect = Effect::NewFlow {
@@ -591,19 +650,27 @@ impl Model {
 
     /// Whether `port` may be the (SNAT or remapped) source port of a new flow under `rule`.
     pub fn snat_port_ok(&self, rule: &PortRule, proto: u8, port: u16) -> Result<(), String> {
-        let (client_port_if_free, backend, to, held_by) = match *rule {
+        let (client_port_if_free, backend, to, flow, held_by) = match *rule {
             PortRule::Exactly(p) if p == port => return Ok(()),
             PortRule::Exactly(p) => return Err(format!("source port {port}, expected {p}")),
             PortRule::NewSnat {
                 client_port_if_free,
                 backend,
                 nat_addr,
-            } => (client_port_if_free, backend, nat_addr, &self.snat_rev),
+                flow,
+            } => (client_port_if_free, backend, nat_addr, flow, &self.snat_rev),
             PortRule::NewLocal {
                 client_port_if_free,
                 backend,
                 client_addr,
-            } => (client_port_if_free, backend, client_addr, &self.local_rev),
+                flow,
+            } => (
+                client_port_if_free,
+                backend,
+                client_addr,
+                flow,
+                &self.local_rev,
+            ),
         };
         let what = match rule {
             PortRule::NewLocal { .. } => "remapped port",
@@ -629,7 +696,7 @@ impl Model {
         };
         if !in_snat_range(port) {
             Err(format!("{what} {port} outside {SNAT_MIN}-{SNAT_MAX}"))
-        } else if let Some(holder) = held_by.get(&reply) {
+        } else if let Some(holder) = held_by.get(&reply).filter(|h| **h != flow) {
             Err(format!(
                 "{what} {port} from {to} towards {}:{} is held by the live flow {holder:?}",
                 b.addr, b.port
@@ -639,21 +706,57 @@ impl Model {
         }
     }
 
-    /// Learns from the outcome the programs produced (one the prediction allowed).
-    pub fn observe(&mut self, outcome: &Outcome, out_sport: Option<u16>) {
-        let Outcome::Translated(Rewrite {
-            effect:
-                Effect::NewFlow {
-                    client,
-                    svc_id,
-                    backend,
-                },
-            saddr,
-            ..
-        }) = *outcome
-        else {
+    /// Learns from the outcome the programs produced for the packet `v` (one the prediction
+    /// allowed): a new flow, or the TCP flags of a tracked one. The programs fold a tracked
+    /// flow's flags in as soon as they recognise the flow, before deciding how the packet leaves
+    /// (a packet they then hand up untranslated still counts), so any outcome counts here.
+    pub fn observe(&mut self, hook: Hook, v: &View, outcome: &Outcome, out_sport: Option<u16>) {
+        let new_flow = match *outcome {
+            Outcome::Translated(Rewrite {
+                effect:
+                    Effect::NewFlow {
+                        client,
+                        svc_id,
+                        backend,
+                    },
+                saddr,
+                ..
+            }) => Some((client, svc_id, backend, saddr)),
+            _ => None,
+        };
+        let Some((client, svc_id, backend, saddr)) = new_flow else {
+            if v.tuple.proto == TCP {
+                // Which flow the programs recognise the packet as, as `predict` does: on ingress
+                // a client's packet to a frontend or a reply to a source-NATed flow, on egress a
+                // local pod's reply.
+                let t = v.tuple;
+                let (key, from_client) = match hook {
+                    Hook::TcEgress => (self.local_rev.get(&t).copied(), false),
+                    _ if !NODE_ADDRS.contains(&t.daddr) || v.ttl <= 1 => (None, false),
+                    _ if world::service_for(t.proto, t.dport).is_some() => {
+                        (self.flows.contains_key(&t).then_some(t), true)
+                    }
+                    _ if in_snat_range(t.dport) => (self.snat_rev.get(&t).copied(), false),
+                    _ => (None, false),
+                };
+                if let Some(f) = key.and_then(|k| self.flows.get_mut(&k)) {
+                    f.closing = tcp_account(f.closing, v.tcp_flags, from_client);
+                }
+            }
             return;
         };
+        // A SYN on an ended flow made it anew: its old reply mapping goes first, as in the
+        // programs.
+        if let Some(old) = self.flows.get(&client).copied() {
+            let table = if old.snat.is_some() {
+                &mut self.snat_rev
+            } else {
+                &mut self.local_rev
+            };
+            if table.get(&old.reply()) == Some(&client) {
+                table.remove(&old.reply());
+            }
+        }
         let b = world::backend_by_id(backend);
         let sport = out_sport.expect("translated source port");
         let flow = Flow {
@@ -662,6 +765,11 @@ impl Model {
             backend,
             snat: (!b.local).then_some((saddr, sport)),
             remap: (b.local && sport != client.sport).then_some(sport),
+            closing: if client.proto == TCP {
+                tcp_account(Closing::default(), v.tcp_flags, true)
+            } else {
+                Closing::default()
+            },
         };
         let reply = flow.reply();
         if flow.snat.is_some() {
@@ -682,16 +790,31 @@ impl Model {
             self.affinity.insert((svc_id, client.saddr), backend);
         }
         match self.flows.entry(client) {
-            Entry::Occupied(_) => panic!("model: flow {client:?} created twice"),
+            // Only an ended flow is made anew under its key (a SYN reusing its tuple).
+            Entry::Occupied(mut e) => {
+                assert!(
+                    e.get().closing.closed(),
+                    "model: flow {client:?} created twice while live"
+                );
+                e.insert(flow);
+                let list = if flow.snat.is_some() {
+                    &mut self.order_snat
+                } else {
+                    &mut self.order_local
+                };
+                if !list.contains(&client) {
+                    list.push(client);
+                }
+            }
             Entry::Vacant(e) => {
                 e.insert(flow);
+                self.order.push(client);
+                if flow.snat.is_some() {
+                    self.order_snat.push(client);
+                } else {
+                    self.order_local.push(client);
+                }
             }
-        }
-        self.order.push(client);
-        if flow.snat.is_some() {
-            self.order_snat.push(client);
-        } else {
-            self.order_local.push(client);
         }
     }
 }
