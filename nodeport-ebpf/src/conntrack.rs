@@ -27,6 +27,13 @@ pub fn is_syn_only(flags: u8) -> bool {
     flags & (TCP_SYN | TCP_ACK | F_RST | TCP_FIN) == TCP_SYN
 }
 
+/// A TCP flow that has ended: reset, or FIN seen both ways.
+#[inline(always)]
+pub fn ended(tcp_state: u8) -> bool {
+    tcp_state & TCP_RST != 0
+        || tcp_state & (TCP_FIN_CLIENT | TCP_FIN_BACKEND) == TCP_FIN_CLIENT | TCP_FIN_BACKEND
+}
+
 /// Initial TCP state of a new flow from its first packet's flags.
 #[inline(always)]
 pub fn initial_tcp_state(proto: u8, flags: u8) -> u8 {
@@ -67,9 +74,7 @@ pub fn account(ct: &mut CtEntry, proto: u8, flags: u8, dir: Dir, cfg: &Config, n
             st |= TCP_SEEN_REPLY;
         }
         ct.tcp_state = st;
-        if st & TCP_RST != 0
-            || st & (TCP_FIN_CLIENT | TCP_FIN_BACKEND) == (TCP_FIN_CLIENT | TCP_FIN_BACKEND)
-        {
+        if ended(st) {
             cfg.tcp_close_timeout_s
         } else if st & TCP_SEEN_REPLY != 0 {
             cfg.tcp_established_timeout_s

@@ -3,11 +3,11 @@
 //! forwarding are the attach point's business.
 use nodeport_common::{
     BACKEND_LOCAL, CT_LOCAL, CT_SNAT, Config, Counter, CtEntry, FlowKey, Frontend, FrontendKey,
-    IPPROTO_TCP, NodeAddrKey, TCP_FIN_BACKEND, TCP_FIN_CLIENT, TCP_RST,
+    IPPROTO_TCP, NodeAddrKey,
 };
 
 use crate::{
-    conntrack::{Dir, account, initial_tcp_state, is_syn_only, now_ns},
+    conntrack::{Dir, account, ended, initial_tcp_state, is_syn_only, now_ns},
     lb,
     maps::{CONFIG, CONNTRACK, FRONTENDS, NODE_ADDRS, REV_NAT},
     nat,
@@ -97,10 +97,7 @@ pub fn ingress(p: &Packet) -> Decision {
 /// on the fast path.
 #[inline(always)]
 fn reopens(ct: &CtEntry, tcp_flags: u8) -> bool {
-    is_syn_only(tcp_flags)
-        && (ct.tcp_state & TCP_RST != 0
-            || ct.tcp_state & (TCP_FIN_CLIENT | TCP_FIN_BACKEND)
-                == TCP_FIN_CLIENT | TCP_FIN_BACKEND)
+    is_syn_only(tcp_flags) && ended(ct.tcp_state)
 }
 
 /// The forward packet's new addressing: to the backend, from the source the backend must see
